@@ -1,0 +1,176 @@
+"""Every experiment's numbers, as plain dataclasses.
+
+Field names of the model part follow transformers' `BitNetConfig`, so a checkpoint's
+config exports without renaming. Edit a class here, or override any field from the
+command line with `--set name=value`.
+"""
+from dataclasses import dataclass, fields, replace
+
+
+@dataclass
+class BitNetConfig:
+    # --- model (names as in transformers.BitNetConfig) ---
+    vocab_size: int = 32
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    max_position_embeddings: int = 32  # context length
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    quant: str = "ternary"  # "ternary" (BitLinear) or "none" (the full-precision twin)
+    inject_bug: str = ""  # self-test only: see bitnet.diagnose.BUGS; "" = the correct stack
+    # --- training ---
+    batch_size: int = 256
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    max_steps: int = 3000
+    schedule: str = "cosine"  # "cosine", or "two_stage": BitNet's high lr then a drop, wd off in stage two
+    two_stage_split: float = 0.5  # fraction of steps in stage one (two_stage only)
+    two_stage_lr_ratio: float = 0.3  # stage-two peak lr / stage-one peak lr (two_stage only)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dropout: float = 0.0  # on the residual branches; regularises when data is small
+    dtype: str = "auto"  # "auto" (bf16 autocast where supported), "bf16" or "fp32"
+    eval_interval: int = 250
+    seed: int = 1337
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def with_overrides(self, pairs: list[str]) -> "BitNetConfig":
+        """Apply `name=value` strings, converting each value to the field's type."""
+        types = {f.name: f.type for f in fields(self)}
+        changes = {}
+        for pair in pairs:
+            name, sep, raw = pair.partition("=")
+            if not sep:
+                raise ValueError(f"--set expects name=value, got {pair!r}")
+            if name not in types:
+                raise ValueError(f"--set: {type(self).__name__} has no field {name!r}; fields: {', '.join(types)}")
+            changes[name] = _parse(raw, types[name], name)
+        return replace(self, **changes)
+
+
+def _parse(raw: str, typ, name: str):
+    typ = typ if isinstance(typ, str) else typ.__name__
+    try:
+        if typ == "bool":
+            if raw.lower() in ("1", "true", "yes"):
+                return True
+            if raw.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError
+        return {"int": int, "float": float, "str": str}[typ](raw)
+    except (ValueError, KeyError):
+        raise ValueError(f"--set {name}={raw!r}: expected a value of type {typ}") from None
+
+
+@dataclass
+class BitNetConfigArithmetic(BitNetConfig):
+    """The seed's ~5M arithmetic model (32-token character vocabulary). GPU default."""
+    # problem domain (see data_arithmetic.py); '*' and '/' are the times tables by default
+    add_max: int = 99  # '+' operands 0..add_max
+    sub_max: int = 99  # '-' operands 0..sub_max, never a negative result
+    mul_max: int = 12  # '*' operands 0..mul_max
+    div_max: int = 12  # '/' divisor 1..div_max, quotient 0..div_max
+    operators: str = "+-*/"
+    heldout_fraction: float = 0.1  # share of '+'/'-' problems never trained on
+    eval_problems: int = 400  # per operator, per split, at each evaluation
+    train_on: str = "answer"  # loss on the "answer" tokens only, or on "all" tokens
+
+
+@dataclass
+class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
+    """A smaller preset that reaches the targets on 2 CPU cores in minutes."""
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    batch_size: int = 128
+    learning_rate: float = 4e-3
+    max_steps: int = 2500
+    warmup_steps: int = 100
+    eval_interval: int = 250
+
+
+@dataclass
+class BitNetConfigTiny(BitNetConfig):
+    """The seed's ~12M TinyStories model (2,048-token BPE). GPU default (~2 h on an RTX 3060)."""
+    vocab_size: int = 2048
+    hidden_size: int = 384
+    intermediate_size: int = 1024
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 6
+    max_position_embeddings: int = 256
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 500
+    max_steps: int = 20000
+    weight_decay: float = 0.1
+    eval_interval: int = 500
+    eval_tokens: int = 262144  # validation tokens per evaluation (0 = the whole file)
+    sample_tokens: int = 120  # length of each printed story
+
+
+@dataclass
+class BitNetConfigTinyCPU(BitNetConfigTiny):
+    """A preset for 2 CPU cores that finishes in about 30 minutes."""
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 256
+    batch_size: int = 32
+    learning_rate: float = 4e-3
+    warmup_steps: int = 200
+    max_steps: int = 3000
+    dropout: float = 0.1
+    eval_interval: int = 500
+    eval_tokens: int = 131072
+
+
+@dataclass
+class BitNetConfigSmall(BitNetConfigTiny):
+    """~30M: the first scale-up step."""
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    max_position_embeddings: int = 512
+    learning_rate: float = 2e-3
+
+
+@dataclass
+class BitNetConfig95M(BitNetConfigTiny):
+    """~95M: the size of the user's original run, for comparison on a GPU."""
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 10
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    learning_rate: float = 1.5e-3
+
+
+PRESETS = {
+    "arithmetic": BitNetConfigArithmetic,
+    "arithmetic-cpu": BitNetConfigArithmeticCPU,
+    "tiny": BitNetConfigTiny,
+    "tiny-cpu": BitNetConfigTinyCPU,
+    "small": BitNetConfigSmall,
+    "95m": BitNetConfig95M,
+}

@@ -1,0 +1,251 @@
+"""The one training loop, shared by every experiment.
+
+An experiment hands over a *task* object with:
+  identity() -> dict                    what the checkpoint must remember (tokenizer, task name)
+  get_batch(step, batch_size) -> x, y   y = next tokens, -100 where no loss is taken; a pure
+                                        function of (seed, step), so a resumed run sees the same data
+  evaluate(model, device, step) -> dict metrics; the key "samples" holds printable lines
+  format_eval(metrics) -> str           one line for the log
+Everything else (schedule, AdamW, clipping, autocast, evaluation cadence, metrics.jsonl,
+atomic checkpoints, resume, NaN stop) lives here.
+"""
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from .config_tiny import BitNetConfig
+from .model import BitNetForCausalLM
+
+CKPT_NAME = "ckpt.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A problem the user must act on; the CLI prints its one-line message and exits."""
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise TrainingError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast where the hardware runs it fast (CUDA with bf16, CPUs with AVX-512 bf16/AMX)."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    if dtype == "auto":
+        if device.type == "cuda":
+            ok = torch.cuda.is_bf16_supported()
+        else:
+            ok = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if not ok:
+            return contextlib.nullcontext()
+    elif dtype != "bf16":
+        raise TrainingError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def lr_and_wd(cfg: BitNetConfig, step: int) -> tuple[float, float]:
+    """Learning rate and weight decay at `step` (0-based).
+
+    cosine:    linear warmup, then cosine from learning_rate down to learning_rate*min_lr_ratio.
+    two_stage: BitNet b1.58's recipe: warmup, a high constant-ish rate for stage one (linear decay
+               to half), then a drop to two_stage_lr_ratio of it with cosine decay and weight
+               decay switched off for stage two.
+    """
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps, cfg.weight_decay
+    if cfg.schedule == "cosine":
+        t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t)), cfg.weight_decay
+    if cfg.schedule == "two_stage":
+        split = int(cfg.max_steps * cfg.two_stage_split)
+        if step < split:
+            t = (step - cfg.warmup_steps) / max(1, split - cfg.warmup_steps)
+            return peak * (1 - 0.5 * t), cfg.weight_decay
+        peak2 = peak * cfg.two_stage_lr_ratio
+        t = min(1.0, (step - split) / max(1, cfg.max_steps - split))
+        return floor + 0.5 * (peak2 - floor) * (1 + math.cos(math.pi * t)), 0.0
+    raise TrainingError(f"schedule must be 'cosine' or 'two_stage', got {cfg.schedule!r}")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: BitNetConfig, device: torch.device) -> torch.optim.AdamW:
+    # Weight decay on matrices (latent BitLinear weights, embeddings, head), not on norm gains.
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "decay": True},
+              {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def save_atomic(obj, path: str):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_lines_atomic(path: str, lines: list[str]):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load OUT_DIR/ckpt.pt (or a path to the file itself) with a one-line error when it is not one."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CKPT_NAME)
+    if not os.path.exists(path):
+        raise TrainingError(f"no checkpoint at {path}; pass the run's --out-dir (it holds {CKPT_NAME})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise TrainingError(f"{path} is not a readable checkpoint ({type(e).__name__}); was the run interrupted while saving?") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise TrainingError(f"{path} is not a bitnet-tiny checkpoint (no 'model'/'config' entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu") -> BitNetForCausalLM:
+    from . import config_tiny
+    cls = getattr(config_tiny, ckpt.get("config_class", "BitNetConfig"), config_tiny.BitNetConfig)
+    cfg = cls(**ckpt["config"])
+    model = BitNetForCausalLM(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def evaluate_and_log(model, task, device, step, cfg, log_fn, amp) -> dict:
+    model.eval()
+    with amp:
+        metrics = task.evaluate(model, device, step)
+    model.train()
+    samples = metrics.pop("samples", [])
+    log_fn(f"step {step}: {task.format_eval(metrics)}")
+    for line in samples:
+        log_fn(f"    {line}")
+    return metrics
+
+
+def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: bool = False,
+          on_eval=None, quiet: bool = False) -> dict:
+    """Train a model on `task` and return a summary. `on_eval(model, step) -> dict` adds metrics."""
+    dev = pick_device(device)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, CKPT_NAME)
+    metrics_path = os.path.join(out_dir, METRICS_NAME)
+    log = (lambda s: None) if quiet else (lambda s: tqdm.write(s, file=sys.stdout))
+
+    torch.manual_seed(cfg.seed)
+    model = BitNetForCausalLM(cfg).to(dev)
+    opt = make_optimizer(model, cfg, dev)
+    step, history = 0, []
+    if resume:
+        if not os.path.exists(ckpt_path):
+            raise TrainingError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("task") != task.identity():
+            raise TrainingError(f"--resume: {ckpt_path} was trained on {ckpt.get('task')}, not {task.identity()}")
+        saved = dict(ckpt["config"])
+        for k in ("max_steps", "eval_interval"):  # the only fields a resume may change
+            saved[k] = getattr(cfg, k)
+        if saved != asdict(cfg):
+            diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
+            raise TrainingError(f"--resume: the config differs from the checkpoint's in {diff}; drop those overrides")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng_state"])
+        step, history = ckpt["step"], ckpt.get("history", [])
+        if os.path.exists(metrics_path):  # forget what was logged after the checkpoint
+            with open(metrics_path) as f:
+                keep = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
+            write_lines_atomic(metrics_path, keep)
+        log(f"resumed from {ckpt_path} at step {step}")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log
+
+    amp = autocast_for(dev, cfg.dtype)
+    n_params = model.num_parameters()
+    log(f"model: {n_params / 1e6:.2f}M parameters ({cfg.quant}), {type(cfg).__name__}, device {dev}, "
+        f"{'bf16 autocast' if isinstance(amp, torch.autocast) else 'fp32'}, {torch.get_num_threads()} threads")
+
+    def record(entry: dict):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def checkpoint():
+        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                     "config": asdict(cfg), "config_class": type(cfg).__name__, "task": task.identity(),
+                     "rng_state": torch.get_rng_state(), "history": history}, ckpt_path)
+
+    def run_eval():
+        m = evaluate_and_log(model, task, dev, step, cfg, log, amp)
+        if on_eval is not None:
+            model.eval()
+            m.update(on_eval(model, step))
+            model.train()
+        m = {"step": step, **m}
+        history.append(m)
+        record({"kind": "eval", **m})
+        return m
+
+    model.train()
+    if step == 0:
+        run_eval()  # the loss at step 0 should sit near ln(vocab_size)
+    t0, tokens, first_loss, loss_ema = time.time(), 0, None, None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.quant}", disable=quiet,
+               dynamic_ncols=True, file=sys.stderr, mininterval=2.0)
+    while step < cfg.max_steps:
+        lr, wd = lr_and_wd(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+            group["weight_decay"] = wd if group["decay"] else 0.0
+        x, y = task.get_batch(step, cfg.batch_size)
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with amp:
+            _, loss = model(x, y)
+        loss_val = loss.item()
+        if not math.isfinite(loss_val):
+            bar.close()
+            record({"kind": "error", "step": step, "error": "non-finite loss"})
+            raise TrainingError(
+                f"loss became {loss_val} at step {step}; stopped (last good checkpoint kept in {out_dir}). "
+                f"Lower learning_rate (now {cfg.learning_rate:g}) or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        opt.step()
+        step += 1
+        tokens += x.numel()
+        first_loss = loss_val if first_loss is None else first_loss
+        loss_ema = loss_val if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_val
+        if step % 10 == 0 or step == cfg.max_steps:
+            tps = tokens / max(1e-9, time.time() - t0)
+            record({"kind": "train", "step": step, "train_loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": tps, "elapsed_s": time.time() - t0})
+            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
+        bar.update(1)
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            run_eval()
+            checkpoint()
+    bar.close()
+    final = history[-1]
+    elapsed = time.time() - t0
+    return {"final": final, "history": history, "first_train_loss": first_loss, "last_train_loss": loss_ema,
+            "elapsed_s": elapsed, "tokens_per_s": tokens / max(1e-9, elapsed), "n_params": n_params,
+            "out_dir": out_dir, "model": model}
