@@ -127,7 +127,7 @@ def encode_problems(problems, tok: CharTokenizer, answer_only: bool = True):
         prompt = format_prompt(a, op, b)
         ids = tok.encode(f"{prompt} {solve(a, op, b)}\n")
         seqs.append(ids)
-        starts.append(len(prompt) + 1)  # position of the space after '=': it predicts the first answer digit
+        starts.append(len(prompt))  # position of '=': it predicts the space, so greedy decoding from 'a op b =' works
     T = max(len(s) for s in seqs) - 1
     x = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
     y = torch.full((len(seqs), T), -100, dtype=torch.long)
@@ -174,7 +174,7 @@ class ArithmeticTask:
         metrics, total = {}, {}
         for split in ("train", "heldout"):
             name = "indist" if split == "train" else "heldout"
-            ops = self.domain.operators if split == "train" else [o for o in self.domain.operators if o in "+-"]
+            ops = self.domain.operators if split == "train" else [o for o in self.domain.operators if o in "+-" and self.domain.heldout_fraction > 0]
             all_hits, losses = [], []
             for op in ops:
                 problems = self.domain.sample(n, g, split, ops=op)
