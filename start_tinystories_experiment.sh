@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# TinyStories: train the 2,048-token tokenizer (skipped when OUT/tokenizer/tokenizer.json exists),
+# then BitNet b1.58 on the shared trainer. Extra arguments go to train_bitnet_tiny.py, e.g.
+#   ./start_tinystories_experiment.sh --data-dir ../shared/data/tinystories --out-dir runs/ts
+# Without --data-dir/--train-file/--val-file the data is streamed from the hub.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+OUT=runs/tinystories TOK="" PRESET="" DATA=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do  # the flags the tokenizer step needs too
+  case "${args[i]}" in
+    --out-dir) OUT="${args[i+1]}" ;;
+    --out-dir=*) OUT="${args[i]#*=}" ;;
+    --tokenizer) TOK="${args[i+1]}" ;;
+    --preset | --preset=*) PRESET=given ;;
+    --tokenizer=*) TOK="${args[i]#*=}" ;;
+    --data-dir | --train-file | --val-file) DATA+=("${args[i]}" "${args[i+1]}") ;;
+    --data-dir=* | --train-file=* | --val-file=*) DATA+=("${args[i]}") ;;
+  esac
+done
+TOK="${TOK:-$OUT/tokenizer}"
+
+if [ -f "$TOK/tokenizer.json" ]; then
+  echo "tokenizer: using $TOK/tokenizer.json"
+else
+  python train_tinystories_tokenizer.py --out-dir "$TOK" --vocab-size 2048 ${DATA[@]+"${DATA[@]}"}
+fi
+
+if [ -z "$PRESET" ] && ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA GPU found: training the CPU preset tiny-cpu (a smaller model, about 30 minutes on 2 cores)" \
+       "instead of the 12M GPU preset tiny, which would take many hours on a CPU"
+fi
+exec python train_bitnet_tiny.py --out-dir "$OUT" --tokenizer "$TOK" "$@"

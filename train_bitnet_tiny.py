@@ -1,0 +1,55 @@
+"""Train a BitNet b1.58 model (or its full-precision twin) on TinyStories.
+
+    python train_bitnet_tiny.py --out-dir runs/ts --data-dir ../shared/data/tinystories   # tokenizer in runs/ts/tokenizer
+    python train_bitnet_tiny.py --out-dir runs/ts-fp --quant none --tokenizer runs/ts/tokenizer --data-dir ...
+    python train_bitnet_tiny.py --out-dir runs/ts --tokenizer runs/ts/tokenizer     # stream the data from the hub
+
+The 12M seed config ("tiny") on a GPU, the smaller "tiny-cpu" preset otherwise.
+"""
+import os
+
+import torch
+
+from bitnet.cli import build_config, common_parser, run_main, set_threads, write_json_atomic
+from bitnet.data_tinystories import TinyStoriesTask, add_data_args, sources_from_args
+from bitnet.trainer import train
+
+
+def main():
+    p = common_parser(__doc__.split("\n")[0], default_preset="")
+    add_data_args(p)
+    p.add_argument("--tokenizer", metavar="DIR", help="folder holding tokenizer.json (default OUT_DIR/tokenizer)")
+    p.add_argument("--cache-dir", help="where tokenized data is cached (default OUT_DIR/cache); safe to share")
+    args = p.parse_args()
+    if not args.preset:
+        on_gpu = torch.cuda.is_available() and args.device != "cpu"
+        args.preset = "tiny" if on_gpu else "tiny-cpu"
+        print(f"preset {args.preset}: " + ("the 12M seed config on CUDA" if on_gpu else
+              "no CUDA GPU in use, so the smaller CPU config (about 30 minutes on 2 cores)"))
+    set_threads(args.threads)
+    cfg = build_config(args)
+    train_source, val_source = sources_from_args(args)
+    task = TinyStoriesTask(cfg, args.tokenizer or os.path.join(args.out_dir, "tokenizer"), train_source, val_source,
+                           args.cache_dir or os.path.join(args.out_dir, "cache"))
+    result = train(cfg, task, args.out_dir, device=args.device, resume=args.resume, quiet=args.quiet)
+    final = result["final"]
+    summary = {
+        "experiment": "tinystories", "preset": args.preset, "quant": cfg.quant, "inject_bug": cfg.inject_bug,
+        "n_params": result["n_params"], "steps": final["step"], "elapsed_s": result["elapsed_s"],
+        "tokens_per_s": result["tokens_per_s"], "val_loss": final["val_loss"],
+        "bits_per_byte": final["bits_per_byte"], "train_loss_eval": final["train_loss_eval"],
+        "val_loss_start": result["history"][0]["val_loss"], "data": task.sources, "final": final,
+        "stories": task.last_samples,
+    }
+    write_json_atomic(f"{args.out_dir}/summary.json", summary)
+    print(f"\n=== tinystories, {cfg.quant}, {result['n_params'] / 1e6:.2f}M params, {final['step']} steps, "
+          f"{result['elapsed_s'] / 60:.1f} min, {result['tokens_per_s']:,.0f} tokens/s ===")
+    print(task.format_eval(final))
+    print(f"val loss {summary['val_loss_start']:.3f} at step 0 -> {summary['val_loss']:.4f}; "
+          f"val - train gap {summary['val_loss'] - summary['train_loss_eval']:+.4f} (growing = over-fitting)")
+    for story in task.last_samples:
+        print(f"\n{story}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,62 @@
+"""Train the byte-level BPE tokenizer for TinyStories (2,048 tokens by default).
+
+    python train_tinystories_tokenizer.py --data-dir ../shared/data/tinystories --out-dir runs/tinystories/tokenizer
+    python train_tinystories_tokenizer.py --out-dir runs/tok --max-stories 100000   # streamed from the hub
+
+Writes OUT_DIR/tokenizer.json and the config that transformers.AutoTokenizer.from_pretrained(OUT_DIR) reads.
+"""
+import argparse
+import itertools
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+from bitnet.cli import run_main
+from bitnet.data_tinystories import (add_data_args, iter_stories, read_text_file, save_tokenizer, sources_from_args,
+                                     train_bpe)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", required=True, help="folder for tokenizer.json (created if missing)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="tokens in all, the 2 special ones included")
+    p.add_argument("--max-stories", type=int, default=200_000,
+                   help="train on at most this many training stories (0 = all; bounds the hub stream)")
+    add_data_args(p)
+    args = p.parse_args()
+    if args.vocab_size < 258:
+        raise ValueError(f"--vocab-size must be at least 258 (256 bytes + 2 special tokens), got {args.vocab_size}")
+    train_source, val_source = sources_from_args(args)
+
+    t0 = time.time()
+    stories = iter_stories(train_source)
+    if args.max_stories > 0:
+        stories = itertools.islice(stories, args.max_stories)
+    n_stories, n_bytes = 0, 0
+
+    def counted(stories):
+        nonlocal n_stories, n_bytes
+        for story in tqdm(stories, desc=f"reading {train_source}", unit=" stories", file=sys.stderr, mininterval=1.0):
+            n_stories += 1
+            n_bytes += len(story.encode("utf-8"))
+            yield story
+
+    tok = train_bpe(counted(stories), args.vocab_size)
+    save_tokenizer(tok, args.out_dir)
+    print(f"trained a {tok.get_vocab_size():,}-token byte-level BPE on {n_stories:,} stories "
+          f"({n_bytes / 1e6:.1f} MB) from {train_source} in {time.time() - t0:.1f}s -> {args.out_dir}/tokenizer.json")
+
+    if not isinstance(val_source, str):
+        return
+    text = read_text_file(val_source)
+    ids = tok.encode(text).ids
+    ok = tok.decode(ids, skip_special_tokens=False) == text
+    print(f"{val_source}: {len(ids):,} tokens, {len(text.encode('utf-8')) / len(ids):.2f} bytes/token, "
+          f"encode->decode round-trip {'exact' if ok else 'NOT exact'}")
+    if not ok:
+        raise ValueError(f"the tokenizer does not round-trip {val_source} exactly; please report this")
+
+
+if __name__ == "__main__":
+    run_main(main)
