@@ -987,9 +987,9 @@ def run_history(run_path: str, ckpt: dict | None = None) -> list[dict]:
 
 
 def arithmetic_answers(task, model, per_operator: int = 5) -> list[str]:
-    """Greedy answers to a few training-distribution problems. The prompt ends with the space
-    after '=': with train_on="answer" that space is never a target, so a prompt that stops at
-    '=' asks the model for a token it was never trained to produce."""
+    """Greedy answers to a few training-distribution problems. The prompt includes the space
+    after '=': checkpoints trained before that space became a target (data_arithmetic before
+    0425256) never learned to emit it, and would otherwise look like they answer nothing."""
     from .data_arithmetic import format_prompt
 
     g = torch.Generator().manual_seed(12345)
