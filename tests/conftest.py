@@ -1,0 +1,59 @@
+"""Shared settings for the core test suite.
+
+One torch thread (the suite shares small CPU machines and must be deterministic), no
+network for transformers, and a factory for the tiny configs the tests train.
+"""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    # transformers' BitNet code still calls torch.jit.script_method; not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cfg():
+    """Factory: a small model config (hidden 32, 2 layers, GQA 4/2 heads) with overrides."""
+    from bitnet.config_tiny import BitNetConfig
+
+    def make(**overrides):
+        base = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24,
+                    dtype="fp32", dropout=0.0)
+        base.update(overrides)
+        return BitNetConfig(**base)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def arith_cfg():
+    """Factory: a tiny arithmetic experiment ('*' with operands 0-5) that learns in 200 CPU steps."""
+    from bitnet.config_tiny import BitNetConfigArithmetic
+
+    def make(**overrides):
+        base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=4, max_position_embeddings=16, batch_size=32, learning_rate=5e-3,
+                    warmup_steps=10, max_steps=200, eval_interval=200, weight_decay=0.0,
+                    operators="*", add_max=9, sub_max=9, mul_max=5, div_max=5, heldout_fraction=0.1,
+                    eval_problems=50, dtype="fp32", dropout=0.0, seed=1337)
+        base.update(overrides)
+        return BitNetConfigArithmetic(**base)
+
+    return make

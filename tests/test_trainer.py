@@ -1,0 +1,308 @@
+"""The shared trainer end to end on CPU: a tiny model learns arithmetic in both quant
+modes, teacher-forced accuracy equals real greedy decoding, resume is exact, checkpoints
+are atomic, bad inputs give one-line errors, and a non-finite loss stops the run."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic, BitNetConfigTiny
+from bitnet.data_arithmetic import ArithmeticTask, CharTokenizer
+from bitnet.trainer import (TrainingError, load_checkpoint, lr_and_wd, model_from_checkpoint, pick_device,
+                            save_atomic, train)
+
+TOK = CharTokenizer()
+TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+
+
+def read_metrics(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timing(entries: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k not in TIMING_KEYS} for e in entries]
+
+
+def no_temp_files(out_dir) -> bool:
+    return not [n for n in os.listdir(out_dir) if ".tmp" in n]
+
+
+def answer(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b, "/": a // max(b, 1)}[op]
+
+
+# ---------------------------------------------------------------- learning, both quant modes
+@pytest.fixture(scope="module")
+def trained(arith_cfg, tmp_path_factory):
+    """One 200-step run per quant mode ('*' with operands 0-5), trained on first use."""
+    runs = {}
+
+    def get(quant):
+        if quant not in runs:
+            cfg = arith_cfg(quant=quant)
+            out = tmp_path_factory.mktemp(f"learn_{quant}")
+            runs[quant] = (cfg, str(out), train(cfg, ArithmeticTask(cfg), str(out), device="cpu", quiet=True))
+        return runs[quant]
+
+    return get
+
+
+@pytest.mark.parametrize("quant", ["ternary", "none"])
+def test_tiny_model_learns_arithmetic(trained, quant):
+    cfg, out_dir, r = trained(quant)
+    start, final = r["history"][0], r["final"]
+    assert start["step"] == 0 and final["step"] == cfg.max_steps
+    assert start["indist_answer_loss"] > 2.0  # ~ln(32) before training
+    assert final["indist_answer_loss"] < 0.25 and final["indist_answer_loss"] < start["indist_answer_loss"] / 10
+    assert r["last_train_loss"] < 0.1 * r["first_train_loss"]
+    assert start["indist_acc_*"] < 0.2 and final["indist_acc_*"] >= 0.9, final
+    assert r["model"].config.quant == quant
+    # the log: evaluations at 0 and the end, a train line every 10 steps, nothing else
+    log = read_metrics(out_dir)
+    assert [e["step"] for e in log if e["kind"] == "eval"] == [0, cfg.max_steps]
+    assert [e["step"] for e in log if e["kind"] == "train"] == list(range(10, cfg.max_steps + 1, 10))
+    assert no_temp_files(out_dir)
+
+
+def greedy_is_right(model, a, op, b) -> bool:
+    """Real greedy decoding from the prompt a user types: it must produce exactly ' c\\n'."""
+    prompt = torch.tensor([TOK.encode(f"{a} {op} {b} =")])
+    out = model.generate(prompt, 8, stop_token=TOK.newline_id)
+    return out[0, prompt.shape[1]:].tolist() == TOK.encode(f" {answer(a, op, b)}\n", bos=False)
+
+
+def test_teacher_forced_accuracy_equals_greedy_decoding(trained):
+    cfg, _, r = trained("ternary")
+    task, model = ArithmeticTask(cfg), r["model"].eval()
+    problems = [(a, "*", b) for a in range(6) for b in range(6)]  # the trained domain
+    problems += [(a, "*", b) for a in range(5, 12) for b in (3, 7, 11)]  # beyond it
+    problems += [(a, op, b) for a, b in ((3, 4), (9, 9), (12, 5)) for op in "+-"]  # never trained
+    hits, _ = task.accuracy(model, problems, "cpu")
+    greedy = [greedy_is_right(model, *p) for p in problems]
+    assert hits == greedy
+    assert 30 <= sum(hits) < len(problems)  # both outcomes occur, so the comparison means something
+    # the task's own completion helper agrees as well
+    assert [task.complete(model, f"{a} {op} {b} =", "cpu").strip() == str(answer(a, op, b))
+            for a, op, b in problems] == greedy
+
+
+def test_checkpoint_contents_and_reload(trained):
+    cfg, out_dir, r = trained("ternary")
+    ckpt = load_checkpoint(out_dir)
+    assert ckpt["step"] == cfg.max_steps and ckpt["task"] == ArithmeticTask(cfg).identity()
+    assert ckpt["task"]["tokenizer"] == TOK.identity and ckpt["config_class"] == "BitNetConfigArithmetic"
+    assert {"model", "optimizer", "config", "rng_state"} <= set(ckpt)
+    model = model_from_checkpoint(ckpt)
+    ids = torch.tensor([TOK.encode("3 * 4 = 12")])
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], r["model"].eval()(ids)[0])
+
+
+# ---------------------------------------------------------------- resume
+class Crash(Exception):
+    pass
+
+
+class CrashingTask(ArithmeticTask):
+    """Dies when asked for the batch of `crash_at`: a run killed between two checkpoints."""
+
+    def __init__(self, cfg, crash_at):
+        super().__init__(cfg)
+        self.crash_at = crash_at
+
+    def get_batch(self, step, batch_size):
+        if step == self.crash_at:
+            raise Crash(step)
+        return super().get_batch(step, batch_size)
+
+
+def resume_cfg(arith_cfg, **kw):
+    return arith_cfg(max_steps=40, eval_interval=20, warmup_steps=5, eval_problems=16, **kw)
+
+
+def assert_same_run(a_dir, a, b_dir, b):
+    assert a["final"]["step"] == b["final"]["step"]
+    assert a["final"] == pytest.approx(b["final"], rel=1e-5)
+    assert len(a["history"]) == len(b["history"])
+    for ha, hb in zip(a["history"], b["history"]):
+        assert ha == pytest.approx(hb, rel=1e-5)
+    la, lb = without_timing(read_metrics(a_dir)), without_timing(read_metrics(b_dir))
+    keys = [(e["kind"], e["step"]) for e in la]
+    assert len(keys) == len(set(keys)), "duplicated entries in metrics.jsonl"
+    assert keys == [(e["kind"], e["step"]) for e in lb], "stale or missing entries in metrics.jsonl"
+    for ea, eb in zip(la, lb):
+        assert ea == pytest.approx(eb, rel=1e-5)
+    sa, sb = a["model"].state_dict(), b["model"].state_dict()
+    assert all(torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7) for k in sa)
+    assert no_temp_files(a_dir) and no_temp_files(b_dir)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(arith_cfg, tmp_path):
+    cfg = resume_cfg(arith_cfg)
+    full = train(cfg, ArithmeticTask(cfg), str(tmp_path / "full"), device="cpu", quiet=True)
+    run = str(tmp_path / "crashed")
+    with pytest.raises(Crash):
+        train(cfg, CrashingTask(cfg, crash_at=35), run, device="cpu", quiet=True)
+    assert load_checkpoint(run)["step"] == 20
+    assert 30 in [e["step"] for e in read_metrics(run)]  # logged after the checkpoint: must be dropped
+    resumed = train(cfg, ArithmeticTask(cfg), run, device="cpu", resume=True, quiet=True)
+    assert resumed["final"]["step"] == 40
+    assert_same_run(run, resumed, str(tmp_path / "full"), full)
+
+
+def test_resume_to_more_steps_matches_a_longer_run(arith_cfg, tmp_path):
+    # a flat schedule after warmup, so a 20-step run is the first half of a 40-step one
+    cfg = resume_cfg(arith_cfg, min_lr_ratio=1.0)
+    full = train(cfg, ArithmeticTask(cfg), str(tmp_path / "full"), device="cpu", quiet=True)
+    run = str(tmp_path / "short")
+    short = cfg.with_overrides(["max_steps=20"])
+    assert train(short, ArithmeticTask(short), run, device="cpu", quiet=True)["final"]["step"] == 20
+    resumed = train(cfg, ArithmeticTask(cfg), run, device="cpu", resume=True, quiet=True)
+    assert_same_run(run, resumed, str(tmp_path / "full"), full)
+
+
+def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(arith_cfg, tmp_path):
+    cfg = arith_cfg(max_steps=2, eval_interval=2, eval_problems=4)
+    with pytest.raises(TrainingError) as e:
+        train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", resume=True, quiet=True)
+    assert "\n" not in str(e.value) and "no checkpoint" in str(e.value)
+    train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", quiet=True)
+    changed = cfg.with_overrides(["learning_rate=1e-3", "max_steps=4"])
+    with pytest.raises(TrainingError, match="learning_rate") as e:
+        train(changed, ArithmeticTask(changed), str(tmp_path), device="cpu", resume=True, quiet=True)
+    assert "\n" not in str(e.value) and "max_steps" not in str(e.value)
+
+
+# ---------------------------------------------------------------- checkpoint files
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_atomic({"model": {}, "config": {}, "step": 1}, path)
+    assert no_temp_files(tmp_path)
+
+    def broken_save(obj, f, *args, **kwargs):  # dies half-way through writing
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_atomic({"model": {}, "config": {}, "step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
+
+
+def test_bad_or_missing_checkpoint_is_a_one_line_error(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "config": {}}, good)
+    data = good.read_bytes()
+    cases = {"missing_dir": tmp_path / "nope", "empty_dir": tmp_path / "empty"}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage.pt").write_bytes(b"this is not a checkpoint")
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    for name in ("garbage.pt", "truncated.pt", "foreign.pt", "list.pt"):
+        cases[name] = tmp_path / name
+    for name, path in cases.items():
+        with pytest.raises(TrainingError) as e:
+            load_checkpoint(str(path))
+        msg = str(e.value)
+        assert msg and "\n" not in msg and str(path) in msg, f"{name}: {msg!r}"
+    assert load_checkpoint(str(good))["config"] == {}
+
+
+# ---------------------------------------------------------------- failures
+def test_non_finite_loss_stops_with_a_training_error(arith_cfg, tmp_path):
+    cfg = arith_cfg(learning_rate=1e6, warmup_steps=1, max_steps=30, eval_interval=100, eval_problems=4)
+    with pytest.raises(TrainingError) as e:
+        train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", quiet=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "learning_rate" in msg and ("nan" in msg or "inf" in msg)
+    errors = [m for m in read_metrics(tmp_path) if m["kind"] == "error"]
+    assert len(errors) == 1 and errors[0]["step"] < cfg.max_steps
+
+
+def test_non_finite_loss_is_caught_at_any_step(arith_cfg, tmp_path, monkeypatch):
+    import bitnet.model
+
+    real = bitnet.model.F.cross_entropy
+    calls = []
+
+    def poisoned(*args, **kwargs):  # finite for the first 5 training steps, then NaN
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) > 5 + 1 else loss  # +1: the step-0 evaluation
+
+    cfg = arith_cfg(operators="*", heldout_fraction=0.0, max_steps=20, eval_interval=100, eval_problems=4)
+    monkeypatch.setattr(bitnet.model.F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match="at step 5"):
+        train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", quiet=True)
+
+
+def test_pick_device():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TrainingError):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="cuda"):
+            pick_device("cuda")
+
+
+def test_learning_rate_schedules():
+    cfg = BitNetConfig(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110, weight_decay=0.1)
+    assert lr_and_wd(cfg, 0)[0] == pytest.approx(0.1) and lr_and_wd(cfg, 9)[0] == pytest.approx(1.0)
+    assert lr_and_wd(cfg, 60)[0] == pytest.approx(0.55) and lr_and_wd(cfg, 110)[0] == pytest.approx(0.1)
+    lrs = [lr_and_wd(cfg, s)[0] for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    two = cfg.with_overrides(["schedule=two_stage", "two_stage_split=0.5", "two_stage_lr_ratio=0.3"])
+    assert lr_and_wd(two, 54)[1] == 0.1 and lr_and_wd(two, 55)[1] == 0.0  # weight decay off in stage two
+    assert lr_and_wd(two, 55)[0] == pytest.approx(0.3) and lr_and_wd(two, 54)[0] > 0.5  # the drop
+    with pytest.raises(TrainingError):
+        lr_and_wd(cfg.with_overrides(["schedule=linear"]), 50)
+
+
+# ---------------------------------------------------------------- config overrides and the CLI
+def test_with_overrides_parses_types_and_keeps_the_class():
+    base = BitNetConfigArithmetic()
+    cfg = base.with_overrides(["hidden_size=64", "learning_rate=3e-4", "tie_word_embeddings=true",
+                               "operators=+-", "quant=none", "dropout=0"])
+    assert type(cfg) is BitNetConfigArithmetic
+    assert cfg.hidden_size == 64 and type(cfg.hidden_size) is int
+    assert cfg.learning_rate == 3e-4 and type(cfg.learning_rate) is float
+    assert cfg.tie_word_embeddings is True and type(cfg.dropout) is float
+    assert cfg.operators == "+-" and cfg.quant == "none"
+    assert base.hidden_size == 256 and base.tie_word_embeddings is False  # the original is untouched
+    for raw, want in (("1", True), ("yes", True), ("false", False), ("0", False)):
+        assert base.with_overrides([f"tie_word_embeddings={raw}"]).tie_word_embeddings is want
+    assert BitNetConfigTiny().with_overrides(["eval_tokens=0"]).eval_tokens == 0
+
+
+@pytest.mark.parametrize("pair,needle", [("hidden_sise=64", "hidden_sise"), ("hidden_size=6.5", "int"),
+                                         ("learning_rate=fast", "float"), ("tie_word_embeddings=maybe", "bool"),
+                                         ("hidden_size", "name=value")])
+def test_with_overrides_rejects_bad_pairs(pair, needle):
+    with pytest.raises(ValueError) as e:
+        BitNetConfigArithmetic().with_overrides([pair])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_with_overrides_rejects_another_presets_field():
+    with pytest.raises(ValueError, match="eval_tokens"):  # a TinyStories field is not an arithmetic one
+        BitNetConfigArithmetic().with_overrides(["eval_tokens=5"])
+
+
+@pytest.mark.parametrize("bad", ["no_such_field=1", "learning_rate=abc"])
+def test_train_script_bad_set_exits_2_with_one_line(repo_root, tmp_path, bad):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "train_bitnet_arithmetic.py", "--out-dir", str(tmp_path / "run"),
+                           "--device", "cpu", "--quiet", "--set", bad],
+                          cwd=repo_root, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and bad.split("=")[0] in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run" / "ckpt.pt")
