@@ -31,4 +31,4 @@ if [ -z "$PRESET" ] && ! python -c "import sys, torch; sys.exit(0 if torch.cuda.
   echo "no CUDA GPU found: training the CPU preset tiny-cpu (a smaller model, about 30 minutes on 2 cores)" \
        "instead of the 12M GPU preset tiny, which would take many hours on a CPU"
 fi
-exec python train_bitnet_tiny.py --out-dir "$OUT" --tokenizer "$TOK" "$@"
+exec python train_bitnet_tiny.py --twin --out-dir "$OUT" --tokenizer "$TOK" "$@"

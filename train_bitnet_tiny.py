@@ -10,9 +10,8 @@ import os
 
 import torch
 
-from bitnet.cli import build_config, common_parser, run_main, set_threads, write_json_atomic
+from bitnet.cli import build_config, common_parser, run_experiment, run_main, set_threads
 from bitnet.data_tinystories import TinyStoriesTask, add_data_args, sources_from_args
-from bitnet.trainer import train
 
 
 def main():
@@ -29,26 +28,30 @@ def main():
     set_threads(args.threads)
     cfg = build_config(args)
     train_source, val_source = sources_from_args(args)
-    task = TinyStoriesTask(cfg, args.tokenizer or os.path.join(args.out_dir, "tokenizer"), train_source, val_source,
-                           args.cache_dir or os.path.join(args.out_dir, "cache"))
-    result = train(cfg, task, args.out_dir, device=args.device, resume=args.resume, quiet=args.quiet)
-    final = result["final"]
-    summary = {
-        "experiment": "tinystories", "preset": args.preset, "quant": cfg.quant, "inject_bug": cfg.inject_bug,
-        "n_params": result["n_params"], "steps": final["step"], "elapsed_s": result["elapsed_s"],
-        "tokens_per_s": result["tokens_per_s"], "val_loss": final["val_loss"],
-        "bits_per_byte": final["bits_per_byte"], "train_loss_eval": final["train_loss_eval"],
-        "val_loss_start": result["history"][0]["val_loss"], "data": task.sources, "final": final,
-        "stories": task.last_samples,
-    }
-    write_json_atomic(f"{args.out_dir}/summary.json", summary)
-    print(f"\n=== tinystories, {cfg.quant}, {result['n_params'] / 1e6:.2f}M params, {final['step']} steps, "
-          f"{result['elapsed_s'] / 60:.1f} min, {result['tokens_per_s']:,.0f} tokens/s ===")
-    print(task.format_eval(final))
-    print(f"val loss {summary['val_loss_start']:.3f} at step 0 -> {summary['val_loss']:.4f}; "
-          f"val - train gap {summary['val_loss'] - summary['train_loss_eval']:+.4f} (growing = over-fitting)")
-    for story in task.last_samples:
-        print(f"\n{story}")
+    tokenizer_dir = args.tokenizer or os.path.join(args.out_dir, "tokenizer")
+    cache_dir = args.cache_dir or os.path.join(args.out_dir, "cache")
+    task = TinyStoriesTask(cfg, tokenizer_dir, train_source, val_source, cache_dir)
+
+    def summarize(result):
+        final = result["final"]
+        return {"experiment": "tinystories", "preset": args.preset, "quant": cfg.quant,
+                "inject_bug": cfg.inject_bug, "n_params": result["n_params"], "steps": final["step"],
+                "elapsed_s": result["elapsed_s"], "tokens_per_s": result["tokens_per_s"],
+                "val_loss": final["val_loss"], "bits_per_byte": final["bits_per_byte"],
+                "train_loss_eval": final["train_loss_eval"], "val_loss_start": result["history"][0]["val_loss"],
+                "data": task.sources, "final": final, "stories": task.last_samples}
+
+    def report(s):
+        print(f"\n=== tinystories, {s['quant']}, {s['n_params'] / 1e6:.2f}M params, {s['steps']} steps, "
+              f"{s['elapsed_s'] / 60:.1f} min, {s['tokens_per_s']:,.0f} tokens/s ===")
+        print(task.format_eval(s["final"]))
+        print(f"val loss {s['val_loss_start']:.3f} at step 0 -> {s['val_loss']:.4f}; "
+              f"val - train gap {s['val_loss'] - s['train_loss_eval']:+.4f} (growing = over-fitting)")
+        for story in s["stories"]:
+            print(f"\n{story}")
+
+    run_experiment(args, cfg, task, os.path.abspath(__file__), summarize, report,
+                   child_args=["--tokenizer", tokenizer_dir, "--cache-dir", cache_dir])  # twin runs share both
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class BitNetConfigArithmetic(BitNetConfig):
     mul_max: int = 12  # '*' operands 0..mul_max
     div_max: int = 12  # '/' divisor 1..div_max, quotient 0..div_max
     operators: str = "+-*/"
+    operator_weights: str = ""  # training mix, e.g. "3,3,1,1"; "" = equal. Evaluation is per operator.
     heldout_fraction: float = 0.1  # share of '+'/'-' problems never trained on
     eval_problems: int = 400  # per operator, per split, at each evaluation
     train_on: str = "answer"  # loss on the "answer" tokens only, or on "all" tokens

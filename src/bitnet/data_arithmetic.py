@@ -7,6 +7,7 @@ c 0-12). Every range is a config field. A fixed share of the '+'/'-' problems is
 out by a hash of the problem itself, so it can never reach a training batch whatever
 the seed.
 """
+import math
 import re
 from dataclasses import dataclass
 
@@ -77,13 +78,21 @@ class ArithmeticDomain:
     div_max: int = 12
     operators: str = "+-*/"
     heldout_fraction: float = 0.1
+    operator_weights: tuple[float, ...] = ()  # training mix; () = equal
 
     @classmethod
     def from_config(cls, cfg) -> "ArithmeticDomain":
-        dom = cls(cfg.add_max, cfg.sub_max, cfg.mul_max, cfg.div_max, cfg.operators, cfg.heldout_fraction)
-        bad = set(dom.operators) - set("+-*/")
-        if bad or not dom.operators:
-            raise ValueError(f"operators must be a non-empty subset of '+-*/', got {dom.operators!r}")
+        bad = set(cfg.operators) - set("+-*/")
+        if bad or not cfg.operators or len(set(cfg.operators)) != len(cfg.operators):
+            raise ValueError(f"operators must be distinct symbols from '+-*/', got {cfg.operators!r}")
+        try:
+            weights = tuple(float(w) for w in cfg.operator_weights.split(",")) if cfg.operator_weights else ()
+        except ValueError:
+            weights = (-1.0,)
+        if weights and (len(weights) != len(cfg.operators) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"operator_weights must be {len(cfg.operators)} non-negative numbers like '3,3,1,1' "
+                             f"(one per operator in {cfg.operators!r}), got {cfg.operator_weights!r}")
+        dom = cls(cfg.add_max, cfg.sub_max, cfg.mul_max, cfg.div_max, cfg.operators, cfg.heldout_fraction, weights)
         if min(dom.add_max, dom.sub_max, dom.mul_max) < 0 or dom.div_max < 1:
             raise ValueError("operand ranges must be >= 0 (div_max >= 1)")
         if not 0 <= dom.heldout_fraction < 1:
@@ -106,14 +115,22 @@ class ArithmeticDomain:
 
     def sample(self, n: int, g: torch.Generator, split: str, ops: str | None = None) -> list[tuple[int, str, int]]:
         """n problems (a, op, b). split 'train' never yields held-out problems; 'heldout' yields only them."""
+        weights = self.operator_weights if ops is None and split == "train" else None
         ops = ops or self.operators
         if split == "heldout":
             ops = "".join(o for o in ops if o in "+-")
             if not ops or self.heldout_fraction <= 0:
                 return []
-        out = []
+        out, tries = [], 0
         while len(out) < n:
-            op = ops[int(torch.randint(0, len(ops), (1,), generator=g))]
+            tries += 1
+            if tries > 1000 * n + 10_000:  # e.g. a one-problem domain whose only problem is held out
+                raise ValueError(f"cannot draw {split} problems for {ops!r} from this domain; "
+                                 "widen the operand ranges or change heldout_fraction")
+            if weights:
+                op = ops[int(torch.multinomial(torch.tensor(weights), 1, generator=g))]
+            else:
+                op = ops[int(torch.randint(0, len(ops), (1,), generator=g))]
             a, b = self.sample_one(op, g)
             if is_heldout(a, op, b, self.heldout_fraction) == (split == "heldout"):
                 out.append((a, op, b))
@@ -189,6 +206,22 @@ class ArithmeticTask:
         metrics["val_loss"] = metrics["indist_answer_loss"]
         metrics["samples"] = self.sample_lines(model, device, g)
         return metrics
+
+    # --- what the diagnosis needs (see bitnet.diagnose) ---
+    # val_loss here is the answer loss, which "answers are digits" alone pushes below the
+    # ln(vocab) margin, so learning also asks for some exact answers.
+    learning_kwargs = {"metric": "indist_acc", "min_metric": 0.2}
+    metric_keys = ["indist_acc", "heldout_acc", "indist_acc_+", "indist_acc_-", "indist_acc_*", "indist_acc_/",
+                   "heldout_acc_+", "heldout_acc_-"]
+
+    def milestones(self) -> dict[str, float]:
+        from .diagnose import unigram_loss
+        ln_v, uni = math.log(self.tok.vocab_size), unigram_loss(self.get_batch)
+        return {f"ln(vocab) {ln_v:.2f}": ln_v, f"unigram {uni:.2f}": uni, "0.1": 0.1, "0.01": 0.01}
+
+    def diagnosis_inputs(self, model) -> dict:
+        from .diagnose import arithmetic_answers
+        return {"arithmetic_answers": arithmetic_answers(self, model), "batch": self.get_batch(0, 16)}
 
     def format_eval(self, m: dict) -> str:
         def accs(prefix):

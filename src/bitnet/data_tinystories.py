@@ -412,6 +412,23 @@ class TinyStoriesTask:
                 "train_loss_eval": train["val_loss"], "eval_tokens": val["n_tokens"],
                 "samples": [s.replace("\n", " ") for s in self.last_samples]}
 
+    # --- what the diagnosis needs (see bitnet.diagnose) ---
+    learning_kwargs: dict = {}
+    metric_keys = ["bits_per_byte", "train_loss_eval"]
+
+    def milestones(self) -> dict[str, float]:
+        from .diagnose import unigram_loss
+        ln_v, uni = math.log(self.cfg.vocab_size), unigram_loss(self.get_batch, 10, 16)
+        return {f"ln(vocab) {ln_v:.2f}": ln_v, f"unigram {uni:.2f}": uni, "5.0 (seed: stuck above)": 5.0,
+                "2.0 (target)": 2.0}
+
+    def diagnosis_inputs(self, model) -> dict:
+        from .diagnose import words_of
+        if not self.last_samples:
+            self.last_samples = self.generate_stories(model, next(model.parameters()).device)
+        known = set(words_of(self.tok.decode(self.train_tokens[:1_000_000].tolist())))
+        return {"samples": self.last_samples, "known_words": known, "batch": self.get_batch(0, 4)}
+
     def format_eval(self, m: dict) -> str:
         return (f"val loss {m['val_loss']:.4f} ({m['bits_per_byte']:.4f} bits/byte) | "
                 f"train loss {m['train_loss_eval']:.4f} (same {m['eval_tokens']:,} tokens each)")

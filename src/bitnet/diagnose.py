@@ -778,6 +778,47 @@ def summarise_quant_health(history: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The twin comparison
+
+
+def unigram_loss(get_batch, n_batches: int = 20, batch_size: int = 32) -> float:
+    """Cross-entropy of the best context-free guess (the training targets' own frequencies):
+    a model that beats it has learned something beyond token counts."""
+    counts = Counter()
+    for step in range(n_batches):
+        _, y = get_batch(step, batch_size)
+        counts.update(y[y != -100].tolist())
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def first_step_below(history: list[dict], level: float, key: str = "val_loss") -> int | None:
+    return next((h["step"] for h in history if _finite(h.get(key)) and h[key] <= level), None)
+
+
+def compare_twins(ternary: list[dict], twin: list[dict], milestones: dict[str, float],
+                  metric_keys: list[str] = ()) -> tuple[str, dict]:
+    """Side by side: final val loss (and task metrics), the gap in nats, and the first evaluated
+    step at which each run's val_loss reached each milestone. Returns (printable table, data)."""
+    t, f = ternary[-1], twin[-1]
+    data = {"ternary_val_loss": t["val_loss"], "twin_val_loss": f["val_loss"],
+            "gap_nats": t["val_loss"] - f["val_loss"], "milestones": {}, "metrics": {}}
+    rows = [f"{'':34s}{'ternary':>12s}{'fp twin':>12s}",
+            f"{'final val loss (step ' + str(t['step']) + ')':34s}{t['val_loss']:12.4f}{f['val_loss']:12.4f}"]
+    for key in metric_keys:
+        if key in t and key in f:
+            data["metrics"][key] = {"ternary": t[key], "twin": f[key]}
+            rows.append(f"{key:34s}{t[key]:12.4f}{f[key]:12.4f}")
+    for label, level in milestones.items():
+        st, sf = first_step_below(ternary, level), first_step_below(twin, level)
+        data["milestones"][label] = {"level": level, "ternary_step": st, "twin_step": sf}
+        rows.append(f"{'steps to val loss <= ' + label:34s}{str(st if st is not None else '-'):>12s}"
+                    f"{str(sf if sf is not None else '-'):>12s}")
+    rows.append(f"gap (ternary - twin): {data['gap_nats']:+.4f} nats")
+    return "\n".join(rows), data
+
+
+# ---------------------------------------------------------------------------------------------
 # The verdict
 
 NON_FINITE = "non_finite"
@@ -1001,7 +1042,8 @@ def arithmetic_answers(task, model, per_operator: int = 5) -> list[str]:
 def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict] | None = None,
                  out_dir: str | None = None, metrics_paths: dict[str, str] | None = None,
                  samples: list[str] | None = None, known_words: set[str] | None = None,
-                 arithmetic_answers: list[str] | None = None, batch=None, log=print) -> dict:
+                 arithmetic_answers: list[str] | None = None, batch=None, log=print,
+                 learning_kwargs: dict | None = None) -> dict:
     """Probes, detectors and verdict at the end of a run (what a train script calls).
 
     `history`/`twin_history`: the runs' evaluation dicts; `metrics_paths`: {label: metrics.jsonl}
@@ -1010,14 +1052,15 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     cfg = model.config
     probes = run_probes(model)
     log("\nprobes:\n" + format_results(probes))
+    learning_kwargs = learning_kwargs or {}
     detectors = run_detectors(history, cfg.vocab_size, cfg.warmup_steps, samples=samples, known_words=known_words,
-                              arithmetic_answers=arithmetic_answers, model=model, batch=batch)
+                              arithmetic_answers=arithmetic_answers, model=model, batch=batch, **learning_kwargs)
     log("\ndetectors:\n" + format_results(detectors))
-    ternary = learning_summary(history, cfg.vocab_size, cfg.warmup_steps)
+    ternary = learning_summary(history, cfg.vocab_size, cfg.warmup_steps, **learning_kwargs)
     log(f"\n{'ternary' if cfg.quant == 'ternary' else 'this run'}: {ternary['reason']}")
     twin = None
     if twin_history:
-        twin = learning_summary(twin_history, cfg.vocab_size, cfg.warmup_steps)
+        twin = learning_summary(twin_history, cfg.vocab_size, cfg.warmup_steps, **learning_kwargs)
         log(f"twin:    {twin['reason']}")
     verdict = make_verdict(probes, ternary, twin, detectors)
     log("\n" + format_verdict(verdict))

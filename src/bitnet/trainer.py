@@ -95,8 +95,12 @@ def make_optimizer(model: torch.nn.Module, cfg: BitNetConfig, device: torch.devi
 def save_atomic(obj, path: str):
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_lines_atomic(path: str, lines: list[str]):
@@ -159,8 +163,11 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         if not os.path.exists(ckpt_path):
             raise TrainingError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("task") != task.identity():
-            raise TrainingError(f"--resume: {ckpt_path} was trained on {ckpt.get('task')}, not {task.identity()}")
+        saved_task, task_now = ckpt.get("task") or {}, task.identity()
+        if saved_task != task_now:
+            diff = sorted(k for k in set(saved_task) | set(task_now) if saved_task.get(k) != task_now.get(k))
+            raise TrainingError(f"--resume: {ckpt_path} was trained with a different task/tokenizer (differs in {diff}); "
+                                f"use a new --out-dir or the original data and tokenizer")
         saved = dict(ckpt["config"])
         for k in ("max_steps", "eval_interval"):  # the only fields a resume may change
             saved[k] = getattr(cfg, k)
@@ -224,7 +231,9 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             bar.close()
             record({"kind": "error", "step": step, "error": "non-finite loss"})
             raise TrainingError(
-                f"loss became {loss_val} at step {step}; stopped (last good checkpoint kept in {out_dir}). "
+                f"loss became {loss_val} at step {step}; stopped ("
+                + (f"last good checkpoint kept in {out_dir}" if os.path.exists(ckpt_path) else "no checkpoint yet")
+                + "). "
                 f"Lower learning_rate (now {cfg.learning_rate:g}) or check the data")
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,97 @@
+"""Score a trained run on a file; the last line printed is one JSON object.
+
+    python -m bitnet.evaluate --checkpoint runs/arith --arithmetic problems.txt
+        FILE: one problem per line, `12 + 7 = 19`. Each left side is greedy-decoded.
+        -> {"n": ..., "accuracy": ..., "per_op": {"+": ..., "-": ..., "*": ..., "/": ...}}
+    python -m bitnet.evaluate --checkpoint runs/tinystories/ternary --text valid.txt
+        FILE: stories in the official format (each followed by a line <|endoftext|>).
+        -> {"n_tokens": ..., "val_loss": ..., "bits_per_byte": ...}
+"""
+import argparse
+import json
+from collections import defaultdict
+
+import torch
+
+from .cli import run_main
+from .data_arithmetic import format_prompt, parse_problem
+from .generate import load_for_inference
+
+
+def read_problems(path: str, encode) -> list[tuple[str, str, int]]:
+    """(prompt, op, expected) for each non-blank line; a bad line is a one-line error naming it."""
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                a, op, b, want = parse_problem(line)
+                prompt = format_prompt(a, op, b)
+                encode(prompt)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: cannot use {line.strip()!r}: {e}") from None
+            problems.append((prompt, op, want))
+    if not problems:
+        raise ValueError(f"{path} holds no problems; write one per line like '12 + 7 = 19'")
+    return problems
+
+
+@torch.no_grad()
+def greedy_answers(model, codec, prompts: list[str], device, batch_size: int = 512) -> list[str]:
+    """Greedy completions, batched by prompt length (no padding needed, so no mask)."""
+    by_len = defaultdict(list)
+    for i, p in enumerate(prompts):
+        by_len[len(codec.encode(p))].append(i)
+    answers = [""] * len(prompts)
+    for idxs in by_len.values():
+        for k in range(0, len(idxs), batch_size):
+            chunk = idxs[k:k + batch_size]
+            ids = torch.tensor([codec.encode(prompts[i]) for i in chunk], device=device)
+            out = model.generate(ids, 8, stop_token=codec.stop_id)[:, ids.shape[1]:]
+            for i, row in zip(chunk, out.tolist()):
+                row = row[:row.index(codec.stop_id)] if codec.stop_id in row else row
+                answers[i] = codec.decode(row).strip()
+    return answers
+
+
+def evaluate_arithmetic(model, codec, path: str, device) -> dict:
+    problems = read_problems(path, codec.encode)
+    answers = greedy_answers(model, codec, [p for p, _, _ in problems], device)
+    right, count = defaultdict(int), defaultdict(int)
+    for (prompt, op, want), got in zip(problems, answers):
+        count[op] += 1
+        right[op] += got == str(want)
+    for op in count:
+        print(f"{op}: {right[op]}/{count[op]} exact")
+    n = sum(count.values())
+    return {"n": n, "accuracy": sum(right.values()) / n,
+            "per_op": {op: (right[op] / count[op] if count[op] else None) for op in "+-*/"}}
+
+
+def main():
+    p = argparse.ArgumentParser(description="Score a trained run on a file.")
+    p.add_argument("--checkpoint", required=True, help="a run's OUT_DIR (or its ckpt.pt)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arithmetic", metavar="FILE", help="problems like '12 + 7 = 19', one per line")
+    src.add_argument("--text", metavar="FILE", help="stories in the official <|endoftext|> format")
+    p.add_argument("--max-tokens", type=int, default=0, help="--text: score at most this many tokens (0 = all)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = p.parse_args()
+    model, codec, ckpt = load_for_inference(args.checkpoint, args.device)
+    task = ckpt["task"]["task"]
+    if args.arithmetic:
+        if task != "arithmetic":
+            raise ValueError(f"--arithmetic needs an arithmetic run; {args.checkpoint} is a {task} run (use --text)")
+        result = evaluate_arithmetic(model, codec, args.arithmetic, args.device)
+    else:
+        if task != "tinystories":
+            raise ValueError(f"--text needs a TinyStories run; {args.checkpoint} is a {task} run (use --arithmetic)")
+        from .data_tinystories import read_text_file, text_metrics, tokenizer_from_identity
+        text = read_text_file(args.text)
+        result = text_metrics(model, tokenizer_from_identity(ckpt["task"]), text, args.device, args.max_tokens)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,68 @@
+"""Print a completion from a trained run.
+
+    python -m bitnet.generate --checkpoint runs/arith --prompt "5 + 3 ="
+    python -m bitnet.generate --checkpoint runs/tinystories/ternary --prompt "Once upon a time" \
+        --max-new-tokens 200 --temperature 0.8 --top-k 50
+"""
+import argparse
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .cli import run_main
+from .trainer import TrainingError, load_checkpoint, model_from_checkpoint
+
+
+@dataclass
+class Codec:
+    """The run's own tokenizer, as inference needs it."""
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    stop_id: int
+
+
+def codec_for(identity: dict) -> Codec:
+    """Rebuild the tokenizer a checkpoint was trained with, from what the checkpoint stored."""
+    task = identity.get("task")
+    if task == "arithmetic":
+        from .data_arithmetic import CharTokenizer
+        tok = CharTokenizer()
+        if identity.get("tokenizer") != tok.identity:
+            raise TrainingError(f"checkpoint tokenizer {identity.get('tokenizer')!r} is not this version's {tok.identity!r}")
+        return Codec(tok.encode, tok.decode, tok.newline_id)
+    if task == "tinystories":
+        from .data_tinystories import tokenizer_from_identity
+        tok = tokenizer_from_identity(identity)
+        eot = tok.token_to_id("<|endoftext|>")
+        # training puts <|endoftext|> before every story, so prompts start with it too
+        return Codec(lambda s: [eot] + tok.encode(s).ids, lambda ids: tok.decode(ids), eot)
+    raise TrainingError(f"checkpoint was trained on an unknown task {task!r}")
+
+
+def load_for_inference(path: str, device: str = "cpu"):
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt, device), codec_for(ckpt.get("task", {})), ckpt
+
+
+def main():
+    p = argparse.ArgumentParser(description="Print a completion from a trained run.")
+    p.add_argument("--checkpoint", required=True, help="a run's OUT_DIR (or its ckpt.pt)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 8 for arithmetic, 200 for text")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = p.parse_args()
+    model, codec, ckpt = load_for_inference(args.checkpoint, args.device)
+    n = args.max_new_tokens or (8 if ckpt["task"]["task"] == "arithmetic" else 200)
+    ids = torch.tensor([codec.encode(args.prompt)], device=args.device)
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, stop_token=codec.stop_id, generator=g)
+    completion = [t for t in out[0, ids.shape[1]:].tolist() if t != codec.stop_id]
+    print(args.prompt + codec.decode(completion))
+
+
+if __name__ == "__main__":
+    run_main(main)
