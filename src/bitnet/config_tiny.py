@@ -38,6 +38,7 @@ class BitNetConfig:
     grad_clip: float = 1.0
     dropout: float = 0.0  # on the residual branches; regularises when data is small
     dtype: str = "auto"  # "auto" (bf16 autocast where supported), "bf16" or "fp32"
+    compile: bool = False  # torch.compile the training step: fuses the quantizers' elementwise ops
     eval_interval: int = 250
     seed: int = 1337
 
@@ -90,17 +91,19 @@ class BitNetConfigArithmetic(BitNetConfig):
 
 @dataclass
 class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
-    """A smaller preset that reaches the targets on 2 CPU cores in minutes."""
+    """A smaller preset (~0.85M) for 2 CPU cores: the launcher's twin pair finishes in ~10 minutes."""
     hidden_size: int = 128
     intermediate_size: int = 384
-    num_hidden_layers: int = 3
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    batch_size: int = 128
-    learning_rate: float = 4e-3
-    max_steps: int = 2500
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8  # more heads helped: each answer digit attends to a different operand digit
+    num_key_value_heads: int = 8
+    batch_size: int = 64
+    learning_rate: float = 5e-3
+    max_steps: int = 2800
     warmup_steps: int = 100
     eval_interval: int = 250
+    compile: bool = True  # ~1.5x faster steps on a CPU after ~1 minute of compiling
+    operator_weights: str = "3,3,1,1"  # '+'/'-' need an algorithm; '*'/'/' are 325 facts to memorise
 
 
 @dataclass

@@ -91,13 +91,21 @@ class ArithmeticDomain:
             weights = (-1.0,)
         if weights and (len(weights) != len(cfg.operators) or min(weights) < 0 or sum(weights) <= 0):
             raise ValueError(f"operator_weights must be {len(cfg.operators)} non-negative numbers like '3,3,1,1' "
-                             f"(one per operator in {cfg.operators!r}), got {cfg.operator_weights!r}")
+                             f"(one per operator in {cfg.operators!r}), got {cfg.operator_weights!r}; --set operator_weights= for equal")
         dom = cls(cfg.add_max, cfg.sub_max, cfg.mul_max, cfg.div_max, cfg.operators, cfg.heldout_fraction, weights)
         if min(dom.add_max, dom.sub_max, dom.mul_max) < 0 or dom.div_max < 1:
             raise ValueError("operand ranges must be >= 0 (div_max >= 1)")
         if not 0 <= dom.heldout_fraction < 1:
             raise ValueError("heldout_fraction must be in [0, 1)")
         return dom
+
+    def max_length(self) -> int:
+        """Input positions of the longest training sequence: <bos> + `a op b = c` + newline, minus
+        the one that is only a target."""
+        widest = {"+": (self.add_max, self.add_max, 2 * self.add_max), "-": (self.sub_max, self.sub_max, self.sub_max),
+                  "*": (self.mul_max, self.mul_max, self.mul_max ** 2),
+                  "/": (self.div_max ** 2, self.div_max, self.div_max)}
+        return max(sum(len(str(n)) for n in widest[op]) + len(" + ") + len(" = ") + len("\n") for op in self.operators)
 
     def sample_one(self, op: str, g: torch.Generator) -> tuple[int, int]:
         def r(hi: int) -> int:  # uniform integer in [0, hi]
@@ -137,15 +145,16 @@ class ArithmeticDomain:
         return out
 
 
-def encode_problems(problems, tok: CharTokenizer, answer_only: bool = True):
-    """Right-padded (x, y) for next-token training; y is -100 outside the answer (or the padding)."""
+def encode_problems(problems, tok: CharTokenizer, answer_only: bool = True, length: int = 0):
+    """Right-padded (x, y) for next-token training; y is -100 outside the answer (or the padding).
+    `length` pads to at least that many positions (fixed shapes keep torch.compile from recompiling)."""
     seqs, starts = [], []
     for a, op, b in problems:
         prompt = format_prompt(a, op, b)
         ids = tok.encode(f"{prompt} {solve(a, op, b)}\n")
         seqs.append(ids)
         starts.append(len(prompt))  # position of '=': it predicts the space, so greedy decoding from 'a op b =' works
-    T = max(len(s) for s in seqs) - 1
+    T = max(length, max(len(s) for s in seqs) - 1)
     x = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
     y = torch.full((len(seqs), T), -100, dtype=torch.long)
     for i, (s, st) in enumerate(zip(seqs, starts)):
@@ -173,7 +182,8 @@ class ArithmeticTask:
 
     def get_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # stateless: resumes exactly
-        return encode_problems(self.domain.sample(batch_size, g, "train"), self.tok, self.cfg.train_on == "answer")
+        return encode_problems(self.domain.sample(batch_size, g, "train"), self.tok, self.cfg.train_on == "answer",
+                               length=self.domain.max_length())
 
     @torch.no_grad()
     def accuracy(self, model, problems, device) -> tuple[list[bool], float]:

@@ -187,6 +187,9 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
     amp = autocast_for(dev, cfg.dtype)
+    # The compiled module shares the model's parameters; evaluation and generation use the plain
+    # model, whose shapes vary (compiling those would recompile again and again).
+    train_model = torch.compile(model) if cfg.compile else model
     n_params = model.num_parameters()
     log(f"model: {n_params / 1e6:.2f}M parameters ({cfg.quant}), {type(cfg).__name__}, device {dev}, "
         f"{'bf16 autocast' if isinstance(amp, torch.autocast) else 'fp32'}, {torch.get_num_threads()} threads")
@@ -225,7 +228,14 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         x, y = task.get_batch(step, cfg.batch_size)
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with amp:
-            _, loss = model(x, y)
+            try:
+                _, loss = train_model(x, y)
+            except Exception as e:  # noqa: BLE001 - torch.compile needs a C++ compiler on CPU; without one, go eager
+                if train_model is model:
+                    raise
+                log(f"torch.compile failed ({type(e).__name__}); training without it")
+                train_model = model
+                _, loss = model(x, y)
         loss_val = loss.item()
         if not math.isfinite(loss_val):
             bar.close()

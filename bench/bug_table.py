@@ -1,0 +1,74 @@
+"""The self-test table: the arithmetic experiment with each injected bug, and the correct stack
+on several seeds, each judged by the end-of-run verdict.
+
+    python bench/bug_table.py --out-dir runs/bugtable [--max-steps 500] [--jobs 2]
+
+Runs are single (no twin): the probes name an injected bug whatever the training did, and the
+correct stack must *learn* within the step budget to be judged OK. Prints a Markdown table
+(paste it into RESULTS.md) and writes OUT_DIR/table.json.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "src"))
+from bitnet.model import BUGS  # noqa: E402
+
+
+def run_one(name: str, extra: list[str], args) -> dict:
+    out = os.path.join(args.out_dir, name)
+    cmd = [sys.executable, os.path.join(ROOT, "train_bitnet_arithmetic.py"), "--out-dir", out, "--quiet",
+           "--threads", "1", "--max-steps", str(args.max_steps), "--set", f"eval_interval={args.max_steps}",
+           *args.extra, *extra]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    row = {"run": name, "seconds": round(time.time() - t0, 1), "exit": proc.returncode}
+    try:
+        with open(os.path.join(out, "verdict.json")) as f:
+            verdict = json.load(f)
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        row.update(verdict=verdict["verdict"], suspected_bugs=verdict["suspected_bugs"],
+                   failed_checks=verdict["failed_checks"], answer_loss=summary["loss_end"],
+                   indist_acc=summary["final"]["indist_acc"])
+    except (OSError, KeyError, json.JSONDecodeError):
+        row.update(verdict="(no verdict)", error=proc.stderr.strip().splitlines()[-1:] or [""])
+    print(f"  {name}: {row.get('verdict')} {row.get('suspected_bugs', '')} ({row['seconds']} s)", flush=True)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", default="runs/bugtable")
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    p.add_argument("extra", nargs="*", help="more train-script flags after --, e.g. -- --set batch_size=64")
+    args = p.parse_args()
+    plan = [(f"correct-seed{s}", ["--seed", str(s)]) for s in args.seeds]
+    plan += [(bug, ["--inject-bug", bug]) for bug in BUGS]
+    print(f"{len(plan)} runs of {args.max_steps} steps, {args.jobs} at a time")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda item: run_one(item[0], item[1], args), plan))
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "table.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    print("\n| run | verdict | suspected_bugs | failed checks | answer loss | in-dist acc | s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['verdict']} | {', '.join(r.get('suspected_bugs', []))} | "
+              f"{', '.join(r.get('failed_checks', []))} | {r.get('answer_loss', float('nan')):.3f} | "
+              f"{r.get('indist_acc', float('nan')):.1%} | {r['seconds']} |")
+    expected = all(r["verdict"] == "OK" for r in rows if r["run"].startswith("correct")) and all(
+        r["verdict"] == "BROKEN" and r["run"] in r.get("suspected_bugs", []) for r in rows
+        if not r["run"].startswith("correct"))
+    print(f"\nall as expected: {expected}")
+
+
+if __name__ == "__main__":
+    main()
