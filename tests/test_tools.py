@@ -1,0 +1,136 @@
+"""The command-line tools and the twin run, end to end on tiny trained checkpoints:
+`python -m bitnet.generate`, `python -m bitnet.evaluate` (--arithmetic and --text),
+`train_bitnet_arithmetic.py --twin` with its verdict files, and their one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bitnet.data_arithmetic import ArithmeticTask, solve
+from bitnet.trainer import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ARITH = ["--set", "hidden_size=64", "--set", "intermediate_size=128", "--set", "num_hidden_layers=1",
+              "--set", "num_attention_heads=4", "--set", "num_key_value_heads=4", "--set", "batch_size=32",
+              "--set", "operators=*", "--set", "operator_weights=", "--set", "mul_max=5", "--set", "compile=false",
+              "--set", "warmup_steps=10", "--set", "eval_problems=30", "--set", "learning_rate=5e-3"]
+
+
+def run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def arith_run(arith_cfg, tmp_path_factory):
+    cfg = arith_cfg(quant="ternary", max_steps=150)
+    out = str(tmp_path_factory.mktemp("arith_run"))
+    task = ArithmeticTask(cfg)
+    result = train(cfg, task, out, device="cpu", quiet=True)
+    return out, task, result["model"].eval()
+
+
+def test_generate_prints_the_greedy_completion(arith_run):
+    out, task, model = arith_run
+    proc = run(["-m", "bitnet.generate", "--checkpoint", out, "--prompt", "3 * 4 ="])
+    assert proc.returncode == 0, proc.stderr
+    want = "3 * 4 =" + task.complete(model, "3 * 4 =", "cpu").rstrip("\n")
+    assert proc.stdout.strip() == want.strip()
+
+
+def test_evaluate_arithmetic_matches_in_process_greedy_decoding(arith_run, tmp_path):
+    out, task, model = arith_run
+    problems = [(a, "*", b) for a in range(6) for b in range(6)]
+    path = tmp_path / "problems.txt"
+    path.write_text("".join(f"{a} {op} {b} = {solve(a, op, b)}\n" for a, op, b in problems) + "\n")
+    proc = run(["-m", "bitnet.evaluate", "--checkpoint", out, "--arithmetic", str(path)])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    hits = [task.complete(model, f"{a} {op} {b} =", "cpu").strip() == str(solve(a, op, b)) for a, op, b in problems]
+    assert result["n"] == len(problems)
+    assert result["accuracy"] == pytest.approx(sum(hits) / len(hits))
+    assert result["per_op"]["*"] == pytest.approx(sum(hits) / len(hits))
+    assert result["per_op"]["+"] is None and result["accuracy"] > 0.5  # it learned the 0-5 table
+
+
+@pytest.mark.parametrize("line, needle", [("12 plus 7 = 19", "problems.txt:2"),
+                                          ("\u0661\u0662 + 7 = 19", "not in the arithmetic vocabulary")])
+def test_evaluate_arithmetic_bad_line_is_one_line_error(arith_run, tmp_path, line, needle):
+    out, _, _ = arith_run
+    path = tmp_path / "problems.txt"
+    path.write_text(f"1 * 2 = 2\n{line}\n")
+    proc = run(["-m", "bitnet.evaluate", "--checkpoint", out, "--arithmetic", str(path)])
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and needle in proc.stderr and "problems.txt:2" in proc.stderr
+
+
+def test_tools_on_a_missing_checkpoint_are_one_line_errors(tmp_path):
+    for tool in (["-m", "bitnet.generate", "--prompt", "1 + 1 ="], ["-m", "bitnet.evaluate", "--text", "x.txt"],
+                 ["-m", "bitnet.diagnose"]):
+        proc = run([*tool, "--checkpoint", str(tmp_path / "nope")])
+        assert proc.returncode == 2 and proc.stderr.startswith("error: no checkpoint at")
+        assert proc.stderr.count("\n") == 1
+
+
+def test_evaluate_text_on_a_tinystories_run(tmp_path):
+    data = os.path.join(os.path.dirname(REPO), "shared", "data", "tinystories")
+    if not os.path.exists(os.path.join(data, "valid.txt")):
+        pytest.skip(f"no TinyStories text at {data}")
+    from bitnet.config_tiny import BitNetConfigTinyCPU
+    from bitnet.data_tinystories import TinyStoriesTask, iter_stories, save_tokenizer, text_metrics, train_bpe
+
+    text = open(os.path.join(data, "valid.txt"), encoding="utf-8").read()
+    sample = text[: text.index("<|endoftext|>", 40_000) + len("<|endoftext|>\n")]
+    (tmp_path / "valid.txt").write_text(sample, encoding="utf-8")
+    save_tokenizer(train_bpe(iter_stories(str(tmp_path / "valid.txt")), 512, show_progress=False), str(tmp_path / "tok"))
+    cfg = BitNetConfigTinyCPU().with_overrides(
+        ["vocab_size=512", "hidden_size=32", "intermediate_size=64", "num_hidden_layers=1", "num_attention_heads=2",
+         "num_key_value_heads=2", "max_position_embeddings=32", "batch_size=4", "max_steps=3", "eval_interval=3",
+         "eval_tokens=256", "sample_tokens=4", "compile=false"])
+    task = TinyStoriesTask(cfg, str(tmp_path / "tok"), str(tmp_path / "valid.txt"), str(tmp_path / "valid.txt"),
+                           str(tmp_path / "cache"))
+    result = train(cfg, task, str(tmp_path / "run"), device="cpu", quiet=True)
+    proc = run(["-m", "bitnet.evaluate", "--checkpoint", str(tmp_path / "run"), "--text", str(tmp_path / "valid.txt"),
+                "--max-tokens", "300"])
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = text_metrics(result["model"].eval(), task.tok, sample, "cpu", max_tokens=300)
+    assert got["n_tokens"] == want["n_tokens"] == 300
+    assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(want["bits_per_byte"], rel=1e-5)
+    gen = run(["-m", "bitnet.generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "Once upon a time",
+               "--max-new-tokens", "5"])
+    assert gen.returncode == 0 and gen.stdout.startswith("Once upon a time"), gen.stderr
+    wrong = run(["-m", "bitnet.evaluate", "--checkpoint", str(tmp_path / "run"), "--arithmetic", "x.txt"])
+    assert wrong.returncode == 2 and "is a tinystories run" in wrong.stderr
+
+
+def test_twin_run_writes_both_runs_a_comparison_and_a_verdict(tmp_path):
+    out = tmp_path / "twin"
+    proc = run(["train_bitnet_arithmetic.py", "--twin", "--out-dir", str(out), "--max-steps", "120",
+                "--set", "eval_interval=60", *TINY_ARITH])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert summary["ternary"]["quant"] == "ternary" and summary["fp"]["quant"] == "none"
+    assert summary["ternary"]["steps"] == summary["fp"]["steps"] == 120
+    assert summary["comparison"]["gap_nats"] == pytest.approx(
+        summary["ternary"]["final"]["val_loss"] - summary["fp"]["final"]["val_loss"])
+    assert verdict["verdict"] in ("OK", "BROKEN", "INCONCLUSIVE") and summary["verdict"] == verdict["verdict"]
+    assert not [p for p, ok in verdict["evidence"]["probes"].items() if not ok]
+    for name in ("loss_curves.png", "ternary_fractions.png", "ternary/ckpt.pt", "fp/ckpt.pt", "fp/train.log"):
+        assert (out / name).exists(), name
+    assert "ternary vs full-precision twin" in proc.stdout and "verdict:" in proc.stdout
+
+
+def test_injected_bug_ends_broken_naming_it(tmp_path):
+    out = tmp_path / "bug"
+    proc = run(["train_bitnet_arithmetic.py", "--out-dir", str(out), "--max-steps", "20", "--inject-bug",
+                "per_tensor_act", "--set", "eval_interval=20", *TINY_ARITH])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["verdict"] == "BROKEN" and verdict["suspected_bugs"] == ["per_tensor_act"]
+    assert "INFRASTRUCTURE BROKEN" in proc.stdout
