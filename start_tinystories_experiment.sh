@@ -6,14 +6,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-OUT=runs/tinystories TOK="" PRESET="" DATA=()
+OUT=runs/tinystories TOK="" DATA=()
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do  # the flags the tokenizer step needs too
   case "${args[i]}" in
     --out-dir) OUT="${args[i+1]}" ;;
     --out-dir=*) OUT="${args[i]#*=}" ;;
     --tokenizer) TOK="${args[i+1]}" ;;
-    --preset | --preset=*) PRESET=given ;;
     --tokenizer=*) TOK="${args[i]#*=}" ;;
     --data-dir | --train-file | --val-file) DATA+=("${args[i]}" "${args[i+1]}") ;;
     --data-dir=* | --train-file=* | --val-file=*) DATA+=("${args[i]}") ;;
@@ -27,8 +26,4 @@ else
   python train_tinystories_tokenizer.py --out-dir "$TOK" --vocab-size 2048 ${DATA[@]+"${DATA[@]}"}
 fi
 
-if [ -z "$PRESET" ] && ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "no CUDA GPU found: training the CPU preset tiny-cpu (a smaller model, about 30 minutes on 2 cores)" \
-       "instead of the 12M GPU preset tiny, which would take many hours on a CPU"
-fi
 exec python train_bitnet_tiny.py --twin --out-dir "$OUT" --tokenizer "$TOK" "$@"
