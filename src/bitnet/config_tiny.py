@@ -131,8 +131,8 @@ class BitNetConfigTiny(BitNetConfig):
 class BitNetConfigTinyCPU(BitNetConfigTiny):
     """A preset for 2 CPU cores (one per twin) that finishes in about 30 minutes.
 
-    Measured here (bench/throughput.py, 1 thread, fp32): ~2.1K tokens/s eager, ~2.4K compiled,
-    so 30 minutes buy ~4M tokens, about 4-5 passes over the 3.3 MB local train split. A smaller
+    Measured here: ~1.9K tokens/s per process in a twin run (1 thread each, fp32, compiled), so
+    30 minutes buy ~3.2M tokens, about 3.5 passes over the 3.3 MB local train split. A smaller
     model than the GPU's 12M sees more of the data in that time and over-fits less.
     """
     hidden_size: int = 192
@@ -144,9 +144,9 @@ class BitNetConfigTinyCPU(BitNetConfigTiny):
     batch_size: int = 16
     learning_rate: float = 4e-3
     warmup_steps: int = 50
-    max_steps: int = 900
+    max_steps: int = 780  # 900 steps took 33 min (RESULTS.md); at ~2.1 s/step 780 fit 30
     dropout: float = 0.1
-    eval_interval: int = 300
+    eval_interval: int = 260
     eval_tokens: int = 65536
     compile: bool = True
 
