@@ -100,7 +100,7 @@ class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
     batch_size: int = 64
     learning_rate: float = 5e-3
     min_lr_ratio: float = 0.02  # a near-zero final rate stops late ternary flips from costing accuracy
-    max_steps: int = 2900
+    max_steps: int = 3400
     warmup_steps: int = 100
     eval_interval: int = 500  # each evaluation costs ~7 s of the 10-minute budget
     compile: bool = True  # ~1.5x faster steps on a CPU after ~1 minute of compiling
