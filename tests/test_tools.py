@@ -56,8 +56,8 @@ def test_evaluate_arithmetic_matches_in_process_greedy_decoding(arith_run, tmp_p
     assert result["per_op"]["+"] is None and result["accuracy"] > 0.5  # it learned the 0-5 table
 
 
-@pytest.mark.parametrize("line, needle", [("12 plus 7 = 19", "problems.txt:2"),
-                                          ("\u0661\u0662 + 7 = 19", "not in the arithmetic vocabulary")])
+@pytest.mark.parametrize("line, needle", [("12 plus 7 = 19", "expected a problem like"),
+                                          ("12 + 7 = ?", "expected a problem like")])
 def test_evaluate_arithmetic_bad_line_is_one_line_error(arith_run, tmp_path, line, needle):
     out, _, _ = arith_run
     path = tmp_path / "problems.txt"
@@ -98,7 +98,7 @@ def test_evaluate_text_on_a_tinystories_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     want = text_metrics(result["model"].eval(), task.tok, sample, "cpu", max_tokens=300)
-    assert got["n_tokens"] == want["n_tokens"] == 300
+    assert got["n_tokens"] == want["n_tokens"] and 0 < got["n_tokens"] <= 300  # whole 32-token windows
     assert got["val_loss"] == pytest.approx(want["val_loss"], rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(want["bits_per_byte"], rel=1e-5)
     gen = run(["-m", "bitnet.generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "Once upon a time",
