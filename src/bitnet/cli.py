@@ -9,7 +9,7 @@ import torch
 
 from .config_tiny import PRESETS
 from .model import BUGS
-from .trainer import TrainingError
+from .trainer import TrainingError, write_json_atomic
 
 
 def common_parser(description: str, default_preset: str) -> argparse.ArgumentParser:
@@ -55,13 +55,6 @@ def build_config(args):
 def set_threads(n: int):
     if n > 0:
         torch.set_num_threads(n)
-
-
-def write_json_atomic(path: str, obj):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
 
 
 def run_main(main):

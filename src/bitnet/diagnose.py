@@ -887,12 +887,11 @@ def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict |
 
 def write_verdict(out_dir: str, verdict: dict) -> str:
     """OUT_DIR/verdict.json, written to a temporary file and renamed (never half a file)."""
+    from .trainer import write_json_atomic
+
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "verdict.json")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(verdict, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_json_atomic(path, verdict, default=str)
     return path
 
 

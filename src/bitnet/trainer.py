@@ -92,22 +92,33 @@ def make_optimizer(model: torch.nn.Module, cfg: BitNetConfig, device: torch.devi
                              fused=device.type == "cuda")
 
 
-def save_atomic(obj, path: str):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yield a temporary path beside `path`; on success rename it over `path`, on failure remove it.
+    A crash or a full disk never leaves half a file where a good one was."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def save_atomic(obj, path: str):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
 def write_lines_atomic(path: str, lines: list[str]):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(lines)
-    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj, default=float):
+    """JSON with indent 2; `default` converts what json cannot (numpy floats by default)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=default)
 
 
 def load_checkpoint(path: str) -> dict:
