@@ -16,7 +16,8 @@ def common_parser(description: str, default_preset: str) -> argparse.ArgumentPar
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out-dir", required=True, help="where ckpt.pt, metrics.jsonl and the summary go")
     p.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
-                   help=f"config class from bitnet/config_tiny.py (default {default_preset})")
+                   help="config class from bitnet/config_tiny.py (default: "
+                        + (default_preset or "the seed's config on a CUDA GPU, the CPU preset otherwise") + ")")
     p.add_argument("--max-steps", type=int, help="override the preset's max_steps")
     p.add_argument("--quant", choices=["ternary", "none"], default="ternary",
                    help="ternary = BitNet b1.58; none = the full-precision twin")
@@ -134,7 +135,8 @@ def run_experiment(args, cfg, task, script: str, summarize, report, child_args: 
     from .trainer import METRICS_NAME, load_checkpoint, model_from_checkpoint, train
 
     if args.twin:
-        summaries = run_twin(script, sys.argv[1:], args.out_dir, child_args)
+        # the children get the preset chosen here, so they neither choose nor announce it again
+        summaries = run_twin(script, sys.argv[1:], args.out_dir, [*child_args, "--preset", args.preset])
         for name in ("ternary", "fp"):
             report(summaries[name])
         runs = {name: os.path.join(args.out_dir, name) for name in ("ternary", "fp")}

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .trainer import atomic_path
+
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 HUB_DATASET = "roneneldan/TinyStories"
@@ -285,25 +287,19 @@ def cache_path(source, tokenizer_json: str, cache_dir: str) -> str:
 
 
 def build_token_cache(source, tok, path: str) -> int:
-    """Tokenize `source` into `path` (tmp file + rename: never a half-written cache). Returns the token count."""
+    """Tokenize `source` into `path`, atomically: never a half-written cache. Returns the token count."""
     if tok.get_vocab_size() > 2**16:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens; the uint16 cache holds at most 65,536")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
     t0, n_tokens = time.time(), 1
-    try:
-        with open(tmp, "wb") as f:
-            np.array([tok.token_to_id(EOT)], dtype=np.uint16).tofile(f)
-            stories = tqdm(iter_stories(source), desc=f"tokenizing {source}", unit=" stories",
-                           file=sys.stderr, mininterval=2.0, leave=False)
-            for batch in iter(lambda it=iter(stories): list(itertools.islice(it, 1024)), []):
-                ids = encode_stories(tok, batch)
-                ids.tofile(f)
-                n_tokens += len(ids)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.array([tok.token_to_id(EOT)], dtype=np.uint16).tofile(f)
+        stories = tqdm(iter_stories(source), desc=f"tokenizing {source}", unit=" stories",
+                       file=sys.stderr, mininterval=2.0, leave=False)
+        for batch in iter(lambda it=iter(stories): list(itertools.islice(it, 1024)), []):
+            ids = encode_stories(tok, batch)
+            ids.tofile(f)
+            n_tokens += len(ids)
     print(f"tokenized {source}: {n_tokens:,} tokens in {time.time() - t0:.1f}s -> {path}")
     return n_tokens
 
