@@ -7,16 +7,13 @@
 """
 import os
 
-import torch
-
-from bitnet.cli import build_config, common_parser, run_experiment, run_main, set_threads
+from bitnet.cli import build_config, choose_preset, common_parser, run_experiment, run_main, set_threads
 from bitnet.data_arithmetic import ArithmeticTask
 
 
 def main():
-    args = common_parser(__doc__.split("\n")[0], default_preset="").parse_args()
-    if not args.preset:  # the 5M seed config on a GPU; the small preset on a CPU
-        args.preset = "arithmetic" if torch.cuda.is_available() and args.device != "cpu" else "arithmetic-cpu"
+    args = common_parser(__doc__.split("\n")[0], gpu_preset="arithmetic", cpu_preset="arithmetic-cpu").parse_args()
+    choose_preset(args)  # the 5M seed config on a GPU; the small preset on a CPU
     set_threads(args.threads)
     cfg = build_config(args)
     task = ArithmeticTask(cfg)

@@ -8,22 +8,18 @@ The 12M seed config ("tiny") on a GPU, the smaller "tiny-cpu" preset otherwise.
 """
 import os
 
-import torch
-
-from bitnet.cli import build_config, common_parser, run_experiment, run_main, set_threads
+from bitnet.cli import build_config, choose_preset, common_parser, run_experiment, run_main, set_threads
 from bitnet.data_tinystories import TinyStoriesTask, add_data_args, sources_from_args
 
 
 def main():
-    p = common_parser(__doc__.split("\n")[0], default_preset="")
+    p = common_parser(__doc__.split("\n")[0], gpu_preset="tiny", cpu_preset="tiny-cpu")
     add_data_args(p)
     p.add_argument("--tokenizer", metavar="DIR", help="folder holding tokenizer.json (default OUT_DIR/tokenizer)")
     p.add_argument("--cache-dir", help="where tokenized data is cached (default OUT_DIR/cache); safe to share")
     args = p.parse_args()
-    if not args.preset:
-        on_gpu = torch.cuda.is_available() and args.device != "cpu"
-        args.preset = "tiny" if on_gpu else "tiny-cpu"
-        print(f"preset {args.preset}: " + ("the 12M seed config on CUDA" if on_gpu else
+    if choose_preset(args):
+        print(f"preset {args.preset}: " + ("the 12M seed config on CUDA" if args.preset == "tiny" else
               "no CUDA GPU in use, so the smaller CPU config (about 30 minutes on 2 cores)"))
     set_threads(args.threads)
     cfg = build_config(args)

@@ -134,3 +134,17 @@ def test_injected_bug_ends_broken_naming_it(tmp_path):
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["verdict"] == "BROKEN" and verdict["suspected_bugs"] == ["per_tensor_act"]
     assert "INFRASTRUCTURE BROKEN" in proc.stdout
+
+
+def test_preset_is_chosen_by_device_unless_given():
+    from bitnet.cli import choose_preset, common_parser
+    from bitnet.trainer import TrainingError
+
+    p = common_parser("t", gpu_preset="tiny", cpu_preset="tiny-cpu")
+    given = p.parse_args(["--out-dir", "x", "--preset", "small"])
+    assert choose_preset(given) is False and given.preset == "small"
+    chosen = p.parse_args(["--out-dir", "x", "--device", "cpu"])
+    assert choose_preset(chosen) is True and chosen.preset == "tiny-cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="no CUDA GPU is visible"):
+            choose_preset(p.parse_args(["--out-dir", "x", "--device", "cuda"]))

@@ -9,15 +9,18 @@ import torch
 
 from .config_tiny import PRESETS
 from .model import BUGS
-from .trainer import TrainingError, write_json_atomic
+from .trainer import TrainingError, pick_device, write_json_atomic
 
 
-def common_parser(description: str, default_preset: str) -> argparse.ArgumentParser:
+def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argparse.ArgumentParser:
+    """The flags both train scripts share. Without --preset, choose_preset() picks `gpu_preset`
+    when training on CUDA and `cpu_preset` otherwise."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out-dir", required=True, help="where ckpt.pt, metrics.jsonl and the summary go")
-    p.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
-                   help="config class from bitnet/config_tiny.py (default: "
-                        + (default_preset or "the seed's config on a CUDA GPU, the CPU preset otherwise") + ")")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"config class from bitnet/config_tiny.py (default: {gpu_preset} on a CUDA GPU, "
+                        f"{cpu_preset} otherwise)")
+    p.set_defaults(presets_by_device=(gpu_preset, cpu_preset))
     p.add_argument("--max-steps", type=int, help="override the preset's max_steps")
     p.add_argument("--quant", choices=["ternary", "none"], default="ternary",
                    help="ternary = BitNet b1.58; none = the full-precision twin")
@@ -35,6 +38,15 @@ def common_parser(description: str, default_preset: str) -> argparse.ArgumentPar
     p.add_argument("--no-verdict", action="store_true", help=argparse.SUPPRESS)  # set for the twin's children
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-eval lines")
     return p
+
+
+def choose_preset(args) -> bool:
+    """Fill in args.preset from the device when --preset was not given; True if it did."""
+    if args.preset:
+        return False
+    gpu_preset, cpu_preset = args.presets_by_device
+    args.preset = gpu_preset if pick_device(args.device).type == "cuda" else cpu_preset
+    return True
 
 
 def build_config(args):

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 
 from .bitlinear import BitLinear
 from .model import BUGS  # noqa: F401 - re-exported: the names `suspected_bug` uses
+from .trainer import (CKPT_NAME, METRICS_NAME, TrainingError, load_checkpoint, model_from_checkpoint,
+                      write_json_atomic)
 
 # ---------------------------------------------------------------------------------------------
 # The recipe, written out again here so that the probes do not trust bitlinear.py
@@ -887,8 +889,6 @@ def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict |
 
 def write_verdict(out_dir: str, verdict: dict) -> str:
     """OUT_DIR/verdict.json, written to a temporary file and renamed (never half a file)."""
-    from .trainer import write_json_atomic
-
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "verdict.json")
     write_json_atomic(path, verdict, default=str)
@@ -1076,8 +1076,6 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
 
 def diagnose_checkpoint(path: str, write: bool = False) -> dict:
     """Health report, probes, detectors and verdict for an existing run; prints as it goes."""
-    from .trainer import CKPT_NAME, METRICS_NAME, load_checkpoint, model_from_checkpoint
-
     ternary_path, twin_path, out_dir = find_runs(path)
     ckpt = load_checkpoint(ternary_path)
     model = model_from_checkpoint(ckpt)
@@ -1117,8 +1115,6 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
 
 
 def main(argv=None):
-    from .trainer import TrainingError
-
     p = argparse.ArgumentParser(description="Quantization health, probes and a verdict for an existing run.")
     p.add_argument("--checkpoint", required=True, metavar="OUT_DIR",
                    help="a run's --out-dir (holds ckpt.pt), ckpt.pt itself, or a twin-run folder with ternary/ and fp/")
