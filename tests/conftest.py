@@ -22,6 +22,25 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
+@pytest.fixture
+def no_compile():
+    """transformers' quantizer forwards are @torch.compile'd: run them eagerly (no inductor build).
+    set_stance is torch's public switch for this."""
+    torch.compiler.set_stance("force_eager")
+    yield
+    torch.compiler.set_stance("default")
+
+
+def assert_dicts_close(a: dict, b: dict, rel: float = 1e-5):
+    """Field by field: numbers within `rel`, everything else (strings, lists of samples) equal."""
+    assert a.keys() == b.keys(), f"keys differ: {sorted(set(a) ^ set(b))}"
+    for k in a:
+        if isinstance(a[k], (int, float)) and not isinstance(a[k], bool):
+            assert a[k] == pytest.approx(b[k], rel=rel), f"{k}: {a[k]} != {b[k]}"
+        else:
+            assert a[k] == b[k], f"{k}: {a[k]!r} != {b[k]!r}"
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> str:
     return REPO_ROOT

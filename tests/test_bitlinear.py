@@ -207,13 +207,6 @@ def hf_quant():
     return bitnet_hf
 
 
-@pytest.fixture
-def no_compile(monkeypatch):
-    """transformers' quantizer forwards are @torch.compile'd: run them eagerly (no inductor build)."""
-    import torch._dynamo
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
-
-
 def test_quantizers_agree_with_transformers(hf_quant, no_compile):
     t0 = time.perf_counter()
     for seed, shape, std in [(0, (64, 48), 0.02), (1, (256, 256), 1.0), (2, (3, 5, 40), 30.0), (3, (7, 1), 1e-3)]:

@@ -38,13 +38,6 @@ def hf():
     return transformers
 
 
-@pytest.fixture
-def no_compile(monkeypatch):
-    """transformers' quantizer forwards are @torch.compile'd: run them eagerly (no inductor build)."""
-    import torch._dynamo
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
-
-
 def hf_model(hf, cfg, ternary: bool):
     hcfg = hf.BitNetConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,

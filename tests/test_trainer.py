@@ -11,6 +11,7 @@ import torch
 
 from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic, BitNetConfigTiny
 from bitnet.data_arithmetic import ArithmeticTask, CharTokenizer
+from conftest import assert_dicts_close
 from bitnet.trainer import (TrainingError, load_checkpoint, lr_and_wd, model_from_checkpoint, pick_device,
                             save_atomic, train)
 
@@ -126,16 +127,16 @@ def resume_cfg(arith_cfg, **kw):
 
 def assert_same_run(a_dir, a, b_dir, b):
     assert a["final"]["step"] == b["final"]["step"]
-    assert a["final"] == pytest.approx(b["final"], rel=1e-5)
+    assert_dicts_close(a["final"], b["final"])
     assert len(a["history"]) == len(b["history"])
     for ha, hb in zip(a["history"], b["history"]):
-        assert ha == pytest.approx(hb, rel=1e-5)
+        assert_dicts_close(ha, hb)
     la, lb = without_timing(read_metrics(a_dir)), without_timing(read_metrics(b_dir))
     keys = [(e["kind"], e["step"]) for e in la]
     assert len(keys) == len(set(keys)), "duplicated entries in metrics.jsonl"
     assert keys == [(e["kind"], e["step"]) for e in lb], "stale or missing entries in metrics.jsonl"
     for ea, eb in zip(la, lb):
-        assert ea == pytest.approx(eb, rel=1e-5)
+        assert_dicts_close(ea, eb)
     sa, sb = a["model"].state_dict(), b["model"].state_dict()
     assert all(torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7) for k in sa)
     assert no_temp_files(a_dir) and no_temp_files(b_dir)
