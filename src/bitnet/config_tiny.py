@@ -40,6 +40,7 @@ class BitNetConfig:
     dtype: str = "auto"  # "auto" (bf16 autocast where supported), "bf16" or "fp32"
     compile: bool = False  # torch.compile the training step: fuses the quantizers' elementwise ops
     eval_interval: int = 250
+    checkpoint_interval_s: float = 60.0  # save at least this often (seconds), besides at every evaluation
     seed: int = 1337
 
     @property
