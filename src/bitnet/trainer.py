@@ -222,9 +222,10 @@ def load_checkpoint(path: str) -> dict:
         with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise TrainingError(f"{path} holds objects other than tensors and plain data, so it was not loaded "
-                            f"(unpickling them could run code); use a checkpoint written by bitnet-tiny") from None
+    except pickle.UnpicklingError as e:  # weights_only refused something: code (a GLOBAL) or garbage
+        raise TrainingError(f"{path} was not loaded: weights_only refused it ({_refusal_reason(e)}); it holds "
+                            f"objects other than tensors and plain data, whose unpickling could run code, or it "
+                            f"is damaged; use a checkpoint written by bitnet-tiny{_previous_hint(path)}") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         raise TrainingError(f"{path} is not a readable checkpoint ({type(e).__name__}); was the run interrupted "
                             f"while saving?{_previous_hint(path)}") from None
@@ -233,6 +234,13 @@ def load_checkpoint(path: str) -> dict:
     if isinstance(ckpt.get("history"), str):  # stored as JSON text: metrics may hold numpy floats
         ckpt["history"] = json.loads(ckpt["history"])
     return ckpt
+
+
+def _refusal_reason(e: Exception) -> str:
+    """The one informative line of torch's long weights_only message, e.g. 'unsupported GLOBAL posix.system'."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if ln.startswith(("Trying to load", "Unsupported", "Weights only load failed:"))]
+    return (useful[-1] if useful else lines[-1] if lines else type(e).__name__)[:160].rstrip(".")
 
 
 def _previous_hint(path: str) -> str:
@@ -248,13 +256,22 @@ def _previous_hint(path: str) -> str:
             f"or pass it to --checkpoint")
 
 
-def checkpoint_contents(model, opt, step: int, cfg, task, history: list, train_state: dict) -> dict:
+def checkpoint_contents(model, opt, step: int, cfg, task, history: list, train_state: dict, on_eval=None) -> dict:
     """What a checkpoint holds: enough to continue bit for bit (weights, AdamW moments, step, which
-    fixes the schedule and the data position, every RNG state, the loss averages) and to rebuild the
-    model and tokenizer for inference. No grad scaler: bf16 autocast needs none, fp16 is not offered."""
+    fixes the schedule and the data position, every RNG state, the loss averages, the on_eval hook's
+    state) and to rebuild the model and tokenizer for inference. No grad scaler: bf16 autocast needs
+    none, and fp16 is not offered."""
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
             "config": asdict(cfg), "config_class": type(cfg).__name__, "task": task.identity(),
-            "history": json.dumps(history, default=float), "train_state": dict(train_state), **rng_states()}
+            "history": json.dumps(history, default=float), "train_state": dict(train_state),
+            "on_eval": on_eval.state_dict() if hasattr(on_eval, "state_dict") else None, **rng_states()}
+
+
+def seed_everything(seed: int):
+    """torch (CPU and CUDA), Python's random and numpy's global generator."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 # ----------------------------------------------------------------------------- one writer per OUT_DIR
@@ -386,7 +403,7 @@ def forget_metrics_after(metrics_path: str, step: int):
         write_lines_atomic(metrics_path, keep)
 
 
-def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str) -> tuple[int, list, dict]:
+def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str, on_eval=None) -> tuple[int, list, dict]:
     """Load a checkpoint into `model` and `opt` for --resume, after checking it belongs to this run
     (same task, tokenizer and config), and restore every RNG state. Returns (step, history, train_state)."""
     if not os.path.exists(ckpt_path):
@@ -409,6 +426,8 @@ def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str) -> tup
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     restore_rng_states(ckpt)
+    if ckpt.get("on_eval") is not None and hasattr(on_eval, "load_state_dict"):
+        on_eval.load_state_dict(ckpt["on_eval"])
     step = ckpt["step"]
     forget_metrics_after(metrics_path, step)
     return step, ckpt.get("history", []), ckpt.get("train_state", {})
@@ -438,14 +457,14 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     metrics_path = os.path.join(out_dir, METRICS_NAME)
     log = (lambda s: None) if quiet else (lambda s: tqdm.write(s, file=sys.stdout))
 
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     model = BitNetForCausalLM(cfg).to(dev)
     opt = make_optimizer(model, cfg, dev)
     step, history = 0, []
     train_state, keep_previous = {}, True
     if resume:  # True: OUT_DIR/ckpt.pt; a path: that checkpoint (e.g. ckpt.prev.pt when ckpt.pt is damaged)
         source = ckpt_path if resume is True else str(resume)
-        step, history, train_state = restore_run(source, cfg, task, model, opt, metrics_path)
+        step, history, train_state = restore_run(source, cfg, task, model, opt, metrics_path, on_eval)
         keep_previous = source == ckpt_path  # a damaged ckpt.pt must not become the new "previous good" one
         log(f"resumed from {source} at step {step}")
     elif os.path.exists(metrics_path):
@@ -468,7 +487,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     def checkpoint():
         nonlocal keep_previous
         contents = checkpoint_contents(model, opt, step, cfg, task, history,
-                                       {"first_loss": first_loss, "loss_ema": loss_ema})
+                                       {"first_loss": first_loss, "loss_ema": loss_ema}, on_eval)
         try:
             save_checkpoint(contents, ckpt_path, keep_previous)
         except TrainingError:
