@@ -419,3 +419,41 @@ def test_sigterm_and_sigint_save_and_exit_cleanly(capsys, tmp_path, monkeypatch,
     code, lines = run_tool(capsys, ARITH, ["--out-dir", out, "--resume", "--max-steps", "9", "--no-verdict",
                                            "--set", "eval_interval=1000", *TINY_ARITH])
     assert code == 0 and load_checkpoint(out)["step"] == 9, lines
+
+
+# ---------------------------------------------------------------- exact resume from a time-based checkpoint
+def test_resume_between_evaluations_is_bit_identical(arith_cfg, tmp_path):
+    """Checkpoints every step (checkpoint_interval_s=0), a crash between evaluations, dropout on (the
+    RNG state matters) and the quantization-health hook (its flip-rate baseline must be restored):
+    the resumed run ends bit for bit where the uninterrupted one does, summary numbers included."""
+    from bitnet.data_arithmetic import ArithmeticTask
+    from bitnet.diagnose import QuantHealthTracker
+    from bitnet.trainer import load_checkpoint, train
+
+    class Crash(Exception):
+        pass
+
+    class CrashingTask(ArithmeticTask):
+        def get_batch(self, step, batch_size):
+            if step == 17:
+                raise Crash
+            return super().get_batch(step, batch_size)
+
+    cfg = arith_cfg(max_steps=24, eval_interval=12, warmup_steps=5, eval_problems=8, dropout=0.1,
+                    checkpoint_interval_s=0.0)
+    hook = lambda task: QuantHealthTracker(lambda: task.get_batch(0, 8))  # noqa: E731
+    task = ArithmeticTask(cfg)
+    full = train(cfg, task, str(tmp_path / "full"), device="cpu", quiet=True, on_eval=hook(task))
+    run = str(tmp_path / "crashed")
+    crashing = CrashingTask(cfg)
+    with pytest.raises(Crash):
+        train(cfg, crashing, run, device="cpu", quiet=True, on_eval=hook(crashing))
+    assert load_checkpoint(run)["step"] == 17 and load_checkpoint(os.path.join(run, "ckpt.prev.pt"))["step"] == 16
+    task = ArithmeticTask(cfg)
+    resumed = train(cfg, task, run, device="cpu", resume=True, quiet=True, on_eval=hook(task))
+    for key in ("history", "first_train_loss", "last_train_loss"):
+        assert resumed[key] == full[key], key
+    a, b = load_checkpoint(run), load_checkpoint(str(tmp_path / "full"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["rng_state"], b["rng_state"]) and a["history"] == b["history"]
+    assert a["history"][-1]["qh_flip_rate"] is not None  # the restored baseline was used

@@ -357,8 +357,11 @@ def stop_on_signals():
     def ask(signum, frame):
         if not _stop_signal:
             _stop_signal.append(signum)
-            print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping",
-                  file=sys.stderr, flush=True)
+            try:  # stderr may be a pipe whose reader is gone: that must not stop the save
+                print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping",
+                      file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
 
     if threading.current_thread() is not threading.main_thread():  # handlers can only live there
         yield
