@@ -26,6 +26,9 @@ class BitNetConfig:
     # --- training ---
     batch_size: int = 256
     learning_rate: float = 3e-3
+    # The full-precision twin's own tuned rate (0 = learning_rate): ternary weights want a higher
+    # rate than fp ones, so one shared rate would handicap one of the two.
+    fp_learning_rate: float = 0.0
     min_lr_ratio: float = 0.1  # final lr = learning_rate * min_lr_ratio
     warmup_steps: int = 100
     max_steps: int = 3000
@@ -40,6 +43,10 @@ class BitNetConfig:
     dtype: str = "auto"  # "auto" (bf16 autocast where supported), "bf16" or "fp32"
     compile: bool = False  # torch.compile the training step: fuses the quantizers' elementwise ops
     eval_interval: int = 250
+    # Time budget (seconds; 0 = off): after warm-up the run measures its own speed and sets
+    # max_steps (and so the schedule) to fill the budget, so a faster machine trains longer.
+    time_budget_s: float = 0.0
+    stop_when_solved: bool = False  # stop at the first evaluation where the task says solved()
     seed: int = 1337
 
     @property
@@ -84,6 +91,9 @@ class BitNetConfigArithmetic(BitNetConfig):
     div_max: int = 12  # '/' divisor 1..div_max, quotient 0..div_max
     operators: str = "+-*/"
     operator_weights: str = ""  # training mix, e.g. "3,3,1,1"; "" = equal. Evaluation is per operator.
+    # Share of '+'/'-' training problems whose operands are drawn digit count first (1- and 2-digit
+    # equally often) rather than uniformly (where 90% are 2-digit). Evaluation stays uniform.
+    balance_digits: float = 0.0
     heldout_fraction: float = 0.1  # share of '+'/'-' problems never trained on
     eval_problems: int = 400  # per operator, per split, at each evaluation
     train_on: str = "answer"  # loss on the "answer" tokens only, or on "all" tokens

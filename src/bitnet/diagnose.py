@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from .bitlinear import BitLinear
 from .model import BUGS  # noqa: F401 - re-exported: the names `suspected_bug` uses
-from .trainer import (CKPT_NAME, METRICS_NAME, TrainingError, load_checkpoint, model_from_checkpoint,
-                      write_json_atomic)
+from .trainer import (CKPT_NAME, METRICS_NAME, TrainingError, find_runs, load_checkpoint,
+                      model_from_checkpoint, write_json_atomic)
 
 # ---------------------------------------------------------------------------------------------
 # The recipe, written out again here so that the probes do not trust bitlinear.py
@@ -999,22 +999,6 @@ def plot_ternary_fractions(metrics_path: str, out_png: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # python -m bitnet.diagnose --checkpoint OUT_DIR
-
-
-def find_runs(path: str) -> tuple[str, str | None, str]:
-    """(ternary run, twin run or None, folder for verdict.json and PNGs).
-
-    `path` is a run folder or its ckpt.pt. The twin layout OUT/ternary + OUT/fp is recognised
-    from OUT or from OUT/ternary; anything else is a single run reported into its own folder."""
-    run_dir = path.rstrip("/") if os.path.isdir(path) else os.path.dirname(path) or "."
-    if os.path.isdir(os.path.join(run_dir, "ternary")):
-        root, ternary = run_dir, os.path.join(run_dir, "ternary")
-    elif os.path.basename(run_dir) == "ternary":
-        root, ternary = os.path.dirname(run_dir) or ".", path
-    else:
-        return path, None, run_dir
-    twin = os.path.join(root, "fp")
-    return ternary, (twin if os.path.isdir(twin) else None), root
 
 
 def run_history(run_path: str, ckpt: dict | None = None) -> list[dict]:

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -136,6 +136,22 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def find_runs(path: str) -> tuple[str, str | None, str]:
+    """(ternary run, twin run or None, folder for verdict.json and PNGs).
+
+    `path` is a run folder or its ckpt.pt. The twin layout OUT/ternary + OUT/fp is recognised
+    from OUT or from OUT/ternary; anything else is a single run reported into its own folder."""
+    run_dir = path.rstrip("/") if os.path.isdir(path) else os.path.dirname(path) or "."
+    if os.path.isdir(os.path.join(run_dir, "ternary")):
+        root, ternary = run_dir, os.path.join(run_dir, "ternary")
+    elif os.path.basename(run_dir) == "ternary":
+        root, ternary = os.path.dirname(run_dir) or ".", path
+    else:
+        return path, None, run_dir
+    twin = os.path.join(root, "fp")
+    return ternary, (twin if os.path.isdir(twin) else None), root
+
+
 def model_from_checkpoint(ckpt: dict, device="cpu") -> BitNetForCausalLM:
     from . import config_tiny
     cls = getattr(config_tiny, ckpt.get("config_class", "BitNetConfig"), config_tiny.BitNetConfig)
@@ -143,6 +159,37 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> BitNetForCausalLM:
     model = BitNetForCausalLM(cfg)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
+
+
+class TimeBudget:
+    """Fits max_steps to `cfg.time_budget_s` from the speed measured after warm-up.
+
+    The plan is made once, when warm-up ends (the learning rate does not depend on max_steps
+    before then): steps = what the remaining time buys at the measured steps/s, less the cost
+    of the evaluations those steps bring (timed on the first one). `over()` is the hard stop.
+    """
+
+    def __init__(self, cfg: BitNetConfig, start_step: int):
+        self.budget, self.t0 = cfg.time_budget_s, time.time()
+        self.plan_at = start_step + max(cfg.warmup_steps, 20)
+        self.rate_from = None  # (step, time) once the first steps (and any compile) are behind
+        self.eval_s = 0.0
+
+    def after_step(self, cfg: BitNetConfig, step: int, start_step: int) -> BitNetConfig:
+        if not self.budget:
+            return cfg
+        if step == start_step + 5:
+            self.rate_from = (step, time.time())
+        if step == self.plan_at and self.rate_from:
+            s0, t_s0 = self.rate_from
+            sec_per_step = (time.time() - t_s0) / max(1, step - s0)
+            remaining = self.budget - (time.time() - self.t0) - 2 * self.eval_s  # the final eval + margin
+            more = int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval))
+            cfg = replace(cfg, max_steps=max(step + 1, step + more))
+        return cfg
+
+    def over(self) -> bool:
+        return bool(self.budget) and time.time() - self.t0 > self.budget - self.eval_s
 
 
 def evaluate_and_log(model, task, device, step, cfg, log_fn, amp) -> dict:
@@ -180,11 +227,13 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             raise TrainingError(f"--resume: {ckpt_path} was trained with a different task/tokenizer (differs in {diff}); "
                                 f"use a new --out-dir or the original data and tokenizer")
         saved = dict(ckpt["config"])
-        for k in ("max_steps", "eval_interval"):  # the only fields a resume may change
+        for k in ("max_steps", "eval_interval", "time_budget_s"):  # the only fields a resume may change
             saved[k] = getattr(cfg, k)
         if saved != asdict(cfg):
             diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
             raise TrainingError(f"--resume: the config differs from the checkpoint's in {diff}; drop those overrides")
+        if ckpt.get("planned_max_steps"):  # a time-budgeted run keeps the plan it made
+            cfg = replace(cfg, max_steps=ckpt["planned_max_steps"], time_budget_s=0.0)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng_state"])
@@ -212,7 +261,8 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     def checkpoint():
         save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                      "config": asdict(cfg), "config_class": type(cfg).__name__, "task": task.identity(),
-                     "rng_state": torch.get_rng_state(), "history": history}, ckpt_path)
+                     "rng_state": torch.get_rng_state(), "history": history,
+                     "planned_max_steps": cfg.max_steps if planned else 0}, ckpt_path)
 
     def run_eval():
         m = evaluate_and_log(model, task, dev, step, cfg, log, amp)
@@ -225,9 +275,13 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         record({"kind": "eval", **m})
         return m
 
+    solved = getattr(task, "solved", None) if cfg.stop_when_solved else None
+    budget, start_step, planned = TimeBudget(cfg, step), step, False
     model.train()
     if step == 0:
+        t_eval = time.time()
         run_eval()  # the loss at step 0 should sit near ln(vocab_size)
+        budget.eval_s = time.time() - t_eval
     t0, tokens, first_loss, loss_ema = time.time(), 0, None, None
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.quant}", disable=quiet,
                dynamic_ncols=True, file=sys.stderr, mininterval=2.0)
@@ -270,12 +324,26 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
                     "tokens_per_s": tps, "elapsed_s": time.time() - t0})
             bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            run_eval()
+        if not planned:
+            planned_cfg = budget.after_step(cfg, step, start_step)
+            if planned_cfg is not cfg:
+                cfg, planned = planned_cfg, True
+                bar.total = cfg.max_steps
+                log(f"time budget {budget.budget:.0f} s: {cfg.max_steps} steps at the measured speed")
+        out_of_time = budget.over()
+        if step % cfg.eval_interval == 0 or step >= cfg.max_steps or out_of_time:
+            m = run_eval()
             checkpoint()
+            if solved is not None and solved(m):
+                log(f"solved at step {step}: every validation score >= {task.solve_target:.1%}; stopping")
+                break
+            if out_of_time:
+                log(f"time budget {budget.budget:.0f} s spent at step {step}; stopping")
+                break
     bar.close()
     final = history[-1]
     elapsed = time.time() - t0
     return {"final": final, "history": history, "first_train_loss": first_loss, "last_train_loss": loss_ema,
+            "max_steps": cfg.max_steps, "solved": bool(solved and solved(final)),
             "elapsed_s": elapsed, "tokens_per_s": tokens / max(1e-9, elapsed), "n_params": n_params,
             "out_dir": out_dir, "model": model}
