@@ -7,6 +7,7 @@ c 0-12). Every range is a config field. A fixed share of the '+'/'-' problems is
 out by a hash of the problem itself, so it can never reach a training batch whatever
 the seed.
 """
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -70,9 +71,11 @@ def is_heldout(a: int, op: str, b: int, fraction: float) -> bool:
 
 
 def _problem_hash(a: int, op: str, b: int) -> float:
-    """A multiplicative hash of the problem, uniform in [0, 1)."""
-    h = ((a * 1_000_003 + b * 7_919 + (op == "-") * 104_729) * 2_654_435_761) % 2**32
-    return h / 2**32
+    """A well-mixed hash of the problem, uniform in [0, 1). (A linear hash such as (a*K1 + b*K2)*M
+    mod 2**32 puts structured slabs of problems, e.g. small b, in any band, so its held-out set
+    and the halves of it would not look like the rest.)"""
+    digest = hashlib.blake2b(f"{a}{op}{b}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def heldout_part(a: int, op: str, b: int, fraction: float) -> str:
