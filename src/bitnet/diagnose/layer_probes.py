@@ -286,32 +286,36 @@ def check_gradients(layer, weight, transposed, x, g, obs: Observation, norm: dic
     if not (torch.isfinite(d_w).all() and torch.isfinite(x.grad).all()):
         return result(name, False, {**ev, "why": "non-finite gradient"}, "no_ste")
     w = weight.detach().T if transposed else weight.detach()
-    u_of = rms_normalized if norm["normalizes"] else (lambda t: t)
+    # the input may reach the quantizer directly or through the layer's norm
+    u_fns = (lambda t: t, rms_normalized) if norm["normalizes"] else (lambda t: t,)
     call = next((c for c in obs.calls if c.grad_output is not None), None)
     if call is not None:
         G, A, B = (t.double().reshape(-1, t.shape[-1]) for t in (call.grad_output, call.activation, call.weight))
         factors = (1.0, 1.0 / float(w.abs().mean().clamp(min=1e-5)))  # dequantized B, or integer levels
         want_d_w = [f * G.T @ A for f in factors]
         d_a = (G @ B).reshape(x.shape)
-        # dA/du under the STE: 1 for a dequantized A, s_x = max|A|/max|u| per token for integer
-        # levels, and the norm's own factor when the layer scales its normalized input
-        u_max = u_of(x.detach()).abs().amax(-1, keepdim=True).clamp(min=1e-30)
-        ratio = A.reshape(x.shape).abs().amax(-1, keepdim=True) / u_max
-        if on_int8_grid(A) != "integer":
-            ratio = float(ratio.median())
-            ratio = 1.0 if abs(ratio - 1) < 0.05 else ratio
-        d_a = d_a * ratio
+        a_max = A.reshape(x.shape).abs().amax(-1, keepdim=True)
         ev["from"] = "the matmul's own operands"
     else:  # no matmul seen: the recipe's operands
         g2 = g.reshape(-1, g.shape[-1])
-        want_d_w = [g2.T @ reference_activation_quant(u_of(x.detach())).reshape(-1, x.shape[-1])]
-        d_a = g @ reference_weight_quant(w)
+        want_d_w = [g2.T @ reference_activation_quant(u_fn(x.detach())).reshape(-1, x.shape[-1]) for u_fn in u_fns]
+        d_a, a_max = g @ reference_weight_quant(w), None
         ev["from"] = "the recipe's operands (no matmul seen)"
-    with torch.enable_grad():
-        x0 = x.detach().clone().requires_grad_(True)
-        want_d_x, = torch.autograd.grad(u_of(x0), x0, d_a)
+    want_d_x = []
+    for u_fn in u_fns:
+        with torch.enable_grad():
+            x0 = x.detach().clone().requires_grad_(True)
+            u = u_fn(x0)
+        # dA/du under the STE: 1 for a dequantized A; for integer levels (or a norm that scales
+        # its output) the ratio of A's scale to u's, per token or for the tensor
+        ratios = [1.0]
+        if a_max is not None:
+            ratio = a_max / u.detach().abs().amax(-1, keepdim=True).clamp(min=1e-30)
+            ratios += [ratio, float(ratio.median())]
+        for r in ratios:
+            want_d_x.append(torch.autograd.grad(u, x0, d_a * r, retain_graph=True)[0])
     ev["d_weight_vs_ste"] = min(rel(d_w.double(), want) for want in want_d_w)
-    ev["d_input_vs_ste"] = rel(x.grad.double(), want_d_x)
+    ev["d_input_vs_ste"] = min(rel(x.grad.double(), want) for want in want_d_x)
     tol = 1e-2 if norm["normalizes"] else 1e-3
     ok = ev["d_weight_vs_ste"] < tol and ev["d_input_vs_ste"] < tol and ev["weight_grad_norm"] > 0
     return result(name, ok, ev, "no_ste")
