@@ -18,7 +18,9 @@ from bitnet.trainer import build_model
 
 torch.set_num_threads(1)
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+# the shared data sits beside the checkout (../shared), however deep the checkout is
+STORIES = next((p / "shared" / "data" / "tinystories" for p in Path(__file__).resolve().parents
+                if (p / "shared" / "data" / "tinystories").is_dir()), Path("../shared/data/tinystories"))
 
 
 def small_model(bug: str = "", quant: str = "ternary", seed: int = 0) -> BitNetForCausalLM:
