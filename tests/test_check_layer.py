@@ -73,6 +73,8 @@ THIRD_PARTY = {
     "FrozenWeightLinear": ["weights_not_trainable"],
     "IntegerNoRescaleLinear": ["missing_rescale"],
     "RoundWithoutSTELinear": ["no_ste"],
+    "SignNormInForwardLinear": ["binary_not_ternary", "wrong_norm_scale", "bias_unused", "norm_in_forward"],
+    "SubLNBitLinear": [],
 }
 
 

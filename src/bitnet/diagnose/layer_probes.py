@@ -19,74 +19,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .reference import (layer_normalized, on_int8_grid, per_tensor_activation_quant,  # noqa: F401 - result is re-exported
+                        reference_activation_quant, reference_weight_quant, rel, result, rms_normalized,
+                        typical_error)
 from .watch import MatmulCall, Observation, observe, quiet_call
-
-
-def result(name: str, passed: bool, evidence: dict, suspected_bug: str | None = None) -> dict:
-    """The one shape every probe and detector returns (`suspected_bug`: a problem name)."""
-    return {"name": name, "passed": bool(passed), "evidence": evidence,
-            "suspected_bug": None if passed else suspected_bug}
-
-
-def reference_weight_quant(w: torch.Tensor) -> torch.Tensor:
-    """Ternary absmean quantization, dequantized: {-1, 0, +1} * mean|W|."""
-    scale = 1.0 / w.abs().mean().clamp(min=1e-5)
-    return (w * scale).round().clamp(-1, 1) / scale
-
-
-def reference_activation_quant(x: torch.Tensor) -> torch.Tensor:
-    """Per-token (last dim) 8-bit absmax quantization, dequantized."""
-    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
-    return (x * scale).round().clamp(-128, 127) / scale
-
-
-def per_tensor_activation_quant(x: torch.Tensor) -> torch.Tensor:
-    """The per-tensor mistake: one absmax scale for the whole tensor (a candidate explanation)."""
-    scale = 127.0 / x.abs().amax().clamp(min=1e-5)
-    return (x * scale).round().clamp(-128, 127) / scale
-
-
-def rms_normalized(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).norm() / want.norm().clamp(min=1e-30))
-
-
-def token_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
-    """Per-token ||got - want|| / ||want||."""
-    got, want = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
-    return (got - want).norm(dim=-1) / want.norm(dim=-1).clamp(min=1e-30)
-
-
-def typical_error(got, want) -> float:
-    """The 90th percentile of per-token errors: one rounding tie that the layer breaks the other
-    way (it may quantize in fp32) moves one token, not the verdict."""
-    return float(token_errors(got, want).quantile(0.9))
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the operands
-
-
-def on_int8_grid(a: torch.Tensor) -> str | None:
-    """Which quantization grid `a` (..., in) lies on, or None: per-token absmax (max at level
-    127 or 128), one absmax for the tensor, or integer levels (a rescale must follow)."""
-    rows = a.reshape(-1, a.shape[-1]).double()
-    rows = rows[rows.abs().amax(-1) > 0]
-    if rows.numel() == 0:
-        return None
-
-    def integral(k):
-        return bool(((k - k.round()).abs() <= 1e-3).all()) and float(k.abs().max()) <= 128.5
-
-    for level in (127.0, 128.0):
-        if integral(rows * level / rows.abs().amax(-1, keepdim=True)):
-            return "per_token"
-        if integral(rows * level / rows.abs().max()):
-            return "per_tensor"
-    return "integer" if integral(rows) else None
 
 
 def near(a: float, b: float, tol: float = 1e-3) -> bool:
@@ -223,50 +159,76 @@ def input_normalized(layer, x, y, bias) -> dict:
     return {"normalizes": typical_error(y3, y0) < 1e-3, "scales": typical_error(y3, 3 * y0) < 1e-3}
 
 
+NORMS = {"rms_norm": rms_normalized, "layer_norm": layer_normalized}
+
+
+def output_candidates(u, w):
+    """What the layer's output would be under the recipe and under each usual mistake."""
+    mean_abs = w.abs().mean().clamp(min=1e-5)
+    w_q, x_q = reference_weight_quant(w), reference_activation_quant(u)
+    return {"recipe": (F.linear(x_q, w_q), None),
+            "quantized_output": (reference_activation_quant(F.linear(u, w_q)), "quantizes_output"),
+            "per_tensor_input": (F.linear(per_tensor_activation_quant(u), w_q), "per_tensor_act_scale"),
+            "unrounded_input": (F.linear(u, w_q), "act_not_rounded"),
+            "binary_weights": (F.linear(x_q, torch.where(w >= 0, 1.0, -1.0).to(w) * mean_abs), "binary_not_ternary"),
+            # BitNet b1's sign(W - mean W), still found in b1.58 code
+            "binary_centred_weights": (F.linear(x_q, torch.sign(w - w.mean()) * mean_abs), "binary_not_ternary"),
+            "unquantized_weights": (F.linear(x_q, w), "weights_not_quantized")}
+
+
+def fitted_factor(y, want):
+    """Per-token least-squares factor c with y ~ c * want, and the error left after it."""
+    y, want = y.reshape(-1, y.shape[-1]), want.reshape(-1, want.shape[-1])
+    factor = (y * want).sum(-1) / (want * want).sum(-1).clamp(min=1e-30)
+    return factor, typical_error(y, factor[:, None] * want)
+
+
+def read_factor(factor, u, mean_abs: float, normalizes: bool) -> tuple[str, str]:
+    """(problem, why) for an output that is the right shape but off by `factor` per token."""
+    u_max = u.reshape(-1, u.shape[-1]).abs().amax(-1)
+    for why, want in (("1/mean|W|: weight scale never applied back", torch.full_like(factor, 1 / mean_abs)),
+                      ("127/max|x|: activation scale never applied back", 127 / u_max),
+                      ("both scales never applied back", 127 / u_max / mean_abs)):
+        if bool(((factor - want).abs() <= 1e-2 * want).all()):
+            return "missing_rescale", why
+    if normalizes:
+        return "wrong_norm_scale", "normalized input has the wrong scale"
+    return "wrong_weight_scale", "output off by a factor"
+
+
 def check_output(y, x, w, bias, norm: dict, weight_check: dict) -> dict:
-    """The output equals linear(per-token-quantized input, ternary weight) (+ bias). On a
-    mismatch the usual mistakes are rebuilt and the one that fits names the problem; an output
-    off by a factor is read from the factor."""
+    """The output equals linear(per-token-quantized input, ternary weight) (+ bias), where the
+    input is x, or x normalized (RMSNorm or LayerNorm, unit gain) when the layer ignores the
+    input's scale. On a mismatch, the recipe and the usual mistakes are each fitted to the
+    output up to a factor per token: an exact fit names its mistake; a fit up to a factor names
+    what the factor is (a missing rescale, a wrong norm scale)."""
     name = "output_matches_recipe"
-    u = rms_normalized(x) if norm["normalizes"] else x
     y = y - (0 if bias is None else bias.detach())
     mean_abs = float(w.abs().mean().clamp(min=1e-5))
-    w_q, x_q = reference_weight_quant(w), reference_activation_quant(u)
     ev = {"input_normalized_in_layer": norm["normalizes"]}
     if float(y.abs().max()) == 0.0:
         return result(name, False, {**ev, "why": "the output is all zeros"}, "wrong_weight_scale")
-    recipe = F.linear(x_q, w_q)
-    candidates = {"recipe": (recipe, None),
-                  "quantized_output": (reference_activation_quant(F.linear(u, w_q)), "quantizes_output"),
-                  "per_tensor_input": (F.linear(per_tensor_activation_quant(u), w_q), "per_tensor_act_scale"),
-                  "unrounded_input": (F.linear(u, w_q), "act_not_rounded"),
-                  "binary_weights": (F.linear(x_q, torch.where(w >= 0, 1.0, -1.0).to(w) * mean_abs),
-                                     "binary_not_ternary"),
-                  "unquantized_weights": (F.linear(x_q, w), "weights_not_quantized")}
-    errors = {k: typical_error(y, want) for k, (want, _) in candidates.items()}
-    ev["relative_error"] = errors
-    if errors["recipe"] < 1e-3:
-        return result(name, True, ev)
-    # an output off by a factor per token: fit it, then read what the factor is
-    flat_y, flat_r = y.reshape(-1, y.shape[-1]), recipe.reshape(-1, recipe.shape[-1])
-    factor = (flat_y * flat_r).sum(-1) / (flat_r * flat_r).sum(-1).clamp(min=1e-30)
-    if typical_error(flat_y, factor[:, None] * flat_r) < 1e-3:
-        u_max = u.reshape(-1, u.shape[-1]).abs().amax(-1)
-        ev.update(output_over_recipe_min=float(factor.min()), output_over_recipe_max=float(factor.max()))
-        for label, want in (("1/mean|W|: weight scale never applied back", torch.full_like(factor, 1 / mean_abs)),
-                            ("127/max|x|: activation scale never applied back", 127 / u_max),
-                            ("both scales never applied back", 127 / u_max / mean_abs)):
-            if bool(((factor - want).abs() <= 1e-2 * want).all()):
-                return result(name, False, {**ev, "why": label}, "missing_rescale")
-        if float(factor.max() - factor.min()) <= 1e-2 * float(factor.abs().max()):
-            d = x.shape[-1]
-            ev["factor_vs_dim_powers"] = {"d^-1": 1 / d, "d^-0.5": d ** -0.5, "d^0.5": d ** 0.5}
-            if norm["normalizes"]:
-                return result(name, False, {**ev, "why": "normalized input has the wrong scale"}, "wrong_norm_scale")
-            return result(name, False, {**ev, "why": "output off by a constant factor"}, "wrong_weight_scale")
-    closest = min(errors, key=errors.get)
-    ev["closest"] = closest
-    problem = candidates[closest][1] if errors[closest] < 1e-2 else weight_check.get("suspected_bug")
+    inputs = {k: f(x) for k, f in NORMS.items()} if norm["normalizes"] else {"none": x}
+    fits = {}  # (input norm, candidate) -> (error, error after a per-token factor, factor, problem)
+    for u_name, u in inputs.items():
+        for c_name, (want, problem) in output_candidates(u, w).items():
+            factor, scaled = fitted_factor(y, want)
+            fits[u_name, c_name] = (typical_error(y, want), scaled, factor, problem)
+    exact = min(fits, key=lambda k: fits[k][0])
+    shape = min(fits, key=lambda k: fits[k][1])
+    ev["input_norm"] = exact[0]
+    ev["relative_error"] = {c: round(e, 6) for (u, c), (e, *_rest) in fits.items() if u == exact[0]}
+    if fits[exact][0] < 1e-3:
+        ev["closest"] = exact[1]
+        return result(name, fits[exact][3] is None, ev, fits[exact][3])
+    if fits[shape][1] < 1e-3 and not bool(((fits[shape][2] - 1).abs() < 1e-2).all()):
+        factor = fits[shape][2]
+        ev.update(input_norm=shape[0], shape_matches=shape[1], output_over_it_min=float(factor.min()),
+                  output_over_it_max=float(factor.max()), dim=x.shape[-1])
+        problem, why = read_factor(factor, inputs[shape[0]], mean_abs, norm["normalizes"])
+        return result(name, False, {**ev, "why": why}, problem)
+    ev["closest"] = exact[1]
+    problem = fits[exact][3] if fits[exact][0] < 1e-2 else weight_check.get("suspected_bug")
     return result(name, False, ev, problem)
 
 
@@ -287,7 +249,7 @@ def check_gradients(layer, weight, transposed, x, g, obs: Observation, norm: dic
         return result(name, False, {**ev, "why": "non-finite gradient"}, "no_ste")
     w = weight.detach().T if transposed else weight.detach()
     # the input may reach the quantizer directly or through the layer's norm
-    u_fns = (lambda t: t, rms_normalized) if norm["normalizes"] else (lambda t: t,)
+    u_fns = (lambda t: t, *NORMS.values()) if norm["normalizes"] else (lambda t: t,)
     call = next((c for c in obs.calls if c.grad_output is not None), None)
     if call is not None:
         G, A, B = (t.double().reshape(-1, t.shape[-1]) for t in (call.grad_output, call.activation, call.weight))
