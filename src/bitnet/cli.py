@@ -8,7 +8,7 @@ import sys
 import torch
 
 from .config_tiny import PRESETS
-from .model import BUGS
+from .diagnose.bugs import BUG_NAMES as BUGS
 from .trainer import TrainingError, pick_device, write_json_atomic
 
 

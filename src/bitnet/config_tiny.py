@@ -22,7 +22,7 @@ class BitNetConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     quant: str = "ternary"  # "ternary" (BitLinear) or "none" (the full-precision twin)
-    inject_bug: str = ""  # self-test only: see bitnet.diagnose.BUGS; "" = the correct stack
+    inject_bug: str = ""  # self-test only: see bitnet.diagnose.bugs.BUGS; "" = the correct stack
     # --- training ---
     batch_size: int = 256
     learning_rate: float = 3e-3

@@ -10,6 +10,7 @@ the seed.
 import hashlib
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -277,12 +278,10 @@ class ArithmeticTask:
                    "heldout_acc_+", "heldout_acc_-"]
 
     def milestones(self) -> dict[str, float]:
-        from .diagnose import unigram_loss
         ln_v, uni = math.log(self.tok.vocab_size), unigram_loss(self.get_batch)
         return {f"ln(vocab) {ln_v:.2f}": ln_v, f"unigram {uni:.2f}": uni, "0.1": 0.1, "0.01": 0.01}
 
     def diagnosis_inputs(self, model) -> dict:
-        from .diagnose import arithmetic_answers
         return {"arithmetic_answers": arithmetic_answers(self, model), "batch": self.get_batch(0, 16)}
 
     def format_eval(self, m: dict) -> str:
@@ -349,3 +348,26 @@ class ArithmeticTask:
         ids = torch.tensor([self.tok.encode(prompt)], device=device)
         out = model.generate(ids, max_new_tokens, stop_token=self.tok.newline_id)
         return self.tok.decode(out[0, ids.shape[1]:].tolist())
+
+
+# --- inputs of the diagnosis, computed where their data lives ---
+
+def unigram_loss(get_batch, n_batches: int = 20, batch_size: int = 32) -> float:
+    """Cross-entropy of the best context-free guess (the training targets' own frequencies):
+    a model that beats it has learned something beyond token counts."""
+    counts = Counter()
+    for step in range(n_batches):
+        _, y = get_batch(step, batch_size)
+        counts.update(y[y != -100].tolist())
+    total = sum(counts.values())
+    return -sum(c / total * math.log(c / total) for c in counts.values())
+
+
+def arithmetic_answers(task, model, per_operator: int = 5) -> list[str]:
+    """Greedy answers to a few training-distribution problems. The prompt includes the space
+    after '=': checkpoints trained before that space became a target (data_arithmetic before
+    0425256) never learned to emit it, and would otherwise look like they answer nothing."""
+    g = torch.Generator().manual_seed(12345)
+    device = next(model.parameters()).device
+    return [task.complete(model, format_prompt(a, op, b).rstrip() + " ", device)
+            for op in task.domain.operators for a, _, b in task.domain.sample(per_operator, g, "train", ops=op)]

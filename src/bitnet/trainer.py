@@ -152,11 +152,20 @@ def find_runs(path: str) -> tuple[str, str | None, str]:
     return ternary, (twin if os.path.isdir(twin) else None), root
 
 
+def build_model(cfg: BitNetConfig) -> BitNetForCausalLM:
+    """The model for `cfg`; with cfg.inject_bug (the self-test) the diagnosis package swaps the bug in."""
+    model = BitNetForCausalLM(cfg)
+    if cfg.inject_bug:
+        from .diagnose.bugs import inject
+        inject(model, cfg.inject_bug)
+    return model
+
+
 def model_from_checkpoint(ckpt: dict, device="cpu") -> BitNetForCausalLM:
     from . import config_tiny
     cls = getattr(config_tiny, ckpt.get("config_class", "BitNetConfig"), config_tiny.BitNetConfig)
     cfg = cls(**ckpt["config"])
-    model = BitNetForCausalLM(cfg)
+    model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 
@@ -214,7 +223,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     log = (lambda s: None) if quiet else (lambda s: tqdm.write(s, file=sys.stdout))
 
     torch.manual_seed(cfg.seed)
-    model = BitNetForCausalLM(cfg).to(dev)
+    model = build_model(cfg).to(dev)
     opt = make_optimizer(model, cfg, dev)
     step, history = 0, []
     if resume:
