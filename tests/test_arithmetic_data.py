@@ -187,11 +187,14 @@ def test_solved_reads_only_the_validation_sets():
 
 
 def test_balanced_digit_sampling_gives_short_operands_their_share():
-    def short_share(balance):
+    def short_share(balance, **kw):
         cfg = BitNetConfigArithmetic(operators="+", balance_digits=balance)
-        ps = ArithmeticDomain.from_config(cfg).sample(3000, gen(0), "train")
+        ps = ArithmeticDomain.from_config(cfg).sample(3000, gen(0), **kw)
         return sum(a < 10 for a, _, _ in ps) / len(ps)
-    assert short_share(0.0) < 0.15 and 0.4 < short_share(1.0) < 0.6  # uniform: 10% are 1-digit; balanced: half
+    assert short_share(0.0, split="train") < 0.15  # uniform: 10% of operands are 1-digit
+    assert 0.4 < short_share(1.0, split="train") < 0.6  # balanced: half
+    # evaluation sets (an explicit operator, or held-out problems) stay uniform whatever the training mix
+    assert short_share(1.0, split="train", ops="+") < 0.15 and short_share(1.0, split="heldout", ops="+") < 0.15
     with pytest.raises(ValueError, match="balance_digits"):
         ArithmeticTask(BitNetConfigArithmetic(balance_digits=1.5))
 

@@ -127,7 +127,8 @@ class ArithmeticDomain:
                   "/": (self.div_max ** 2, self.div_max, self.div_max)}
         return max(sum(len(str(n)) for n in widest[op]) + len(" + ") + len(" = ") + len("\n") for op in self.operators)
 
-    def sample_one(self, op: str, g: torch.Generator) -> tuple[int, int]:
+    def sample_one(self, op: str, g: torch.Generator, training_mix: bool = False) -> tuple[int, int]:
+        """Operands for `op`: uniform, or for training batches (`training_mix`) partly digit-balanced."""
         def r(hi: int) -> int:  # uniform integer in [0, hi]
             return int(torch.randint(0, hi + 1, (1,), generator=g))
 
@@ -136,7 +137,8 @@ class ArithmeticDomain:
             lo = 0 if n == 1 else 10 ** (n - 1)
             return lo + r(min(hi, 10 ** n - 1) - lo)
 
-        balanced = op in "+-" and self.balance_digits > 0 and float(torch.rand((), generator=g)) < self.balance_digits
+        balanced = (training_mix and op in "+-" and self.balance_digits > 0
+                    and float(torch.rand((), generator=g)) < self.balance_digits)
         draw = by_digits if balanced else r
         if op == "+":
             return draw(self.add_max), draw(self.add_max)
@@ -164,7 +166,8 @@ class ArithmeticDomain:
                part: str | None = None) -> list[tuple[int, str, int]]:
         """n problems (a, op, b). split 'train' never yields held-out problems; 'heldout' yields only
         them, and with part='val' or 'test' only that half (see heldout_part)."""
-        weights = self.operator_weights if ops is None and split == "train" else None
+        training_mix = ops is None and split == "train"  # training batches; evaluation sets stay uniform
+        weights = self.operator_weights if training_mix else None
         ops = ops or self.operators
         if split == "heldout":
             ops = "".join(o for o in ops if o in "+-")
@@ -180,7 +183,7 @@ class ArithmeticDomain:
                 op = ops[int(torch.multinomial(torch.tensor(weights), 1, generator=g))]
             else:
                 op = ops[int(torch.randint(0, len(ops), (1,), generator=g))]
-            a, b = self.sample_one(op, g)
+            a, b = self.sample_one(op, g, training_mix)
             if is_heldout(a, op, b, self.heldout_fraction) == (split == "heldout") and (
                     part is None or heldout_part(a, op, b, self.heldout_fraction) == part):
                 out.append((a, op, b))

@@ -175,7 +175,8 @@ class TimeBudget:
 
     The plan is made once, when warm-up ends (the learning rate does not depend on max_steps
     before then): steps = what the remaining time buys at the measured steps/s, less the cost
-    of the evaluations those steps bring (timed on the first one). `over()` is the hard stop.
+    of the evaluations those steps bring (timed on the first one); with stop_when_solved, at most
+    the preset's max_steps. `over()` is the hard stop.
     """
 
     def __init__(self, cfg: BitNetConfig, start_step: int):
@@ -193,8 +194,10 @@ class TimeBudget:
             s0, t_s0 = self.rate_from
             sec_per_step = (time.time() - t_s0) / max(1, step - s0)
             remaining = self.budget - (time.time() - self.t0) - 2 * self.eval_s  # the final eval + margin
-            more = int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval))
-            cfg = replace(cfg, max_steps=max(step + 1, step + more))
+            steps = max(step + 1, step + int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval)))
+            # A task that can be solved keeps its preset's (measured) schedule when the budget buys
+            # more: a longer cosine would only anneal later and solve later. Otherwise fill the budget.
+            cfg = replace(cfg, max_steps=min(steps, cfg.max_steps) if cfg.stop_when_solved else steps)
         return cfg
 
     def over(self) -> bool:
