@@ -315,7 +315,7 @@ class ArithmeticTask:
                  f"correct: {'met' if seed_met else 'not met'}",
                  "(b) our bar, >= 99% exact match on every operator, in-distribution and held-out: "
                  + ("reached" if s["bar"] else "not reached (" + ", ".join(s["bar_short"]) + ")")
-                 + "".join(f"; {name} {'reached' if t['bar'] else 'not reached'}"
+                 + "".join(f"; {'fp twin' if name == 'fp' else name} {'reached' if t['bar'] else 'not reached'}"
                            for name, t in summaries.items() if t is not s),
                  f"(c) infrastructure verdict: {verdict['verdict']}"]
         if verdict["verdict"] == "BROKEN":
