@@ -183,5 +183,9 @@ def test_time_budget_flag_reaches_the_config():
     p = common_parser("t", gpu_preset="arithmetic", cpu_preset="arithmetic-cpu")
     cfg = build_config(p.parse_args(["--out-dir", "x", "--preset", "arithmetic-cpu", "--time-budget", "2m"]))
     assert cfg.time_budget_s == 120
+    preset = build_config(p.parse_args(["--out-dir", "x", "--preset", "arithmetic-cpu"]))
+    assert preset.time_budget_s > 0 and preset.stop_when_solved  # the CPU preset plans itself
+    steps = build_config(p.parse_args(["--out-dir", "x", "--preset", "arithmetic-cpu", "--max-steps", "50"]))
+    assert steps.max_steps == 50 and steps.time_budget_s == 0  # explicit steps switch the budget off
     bad = run(["train_bitnet_arithmetic.py", "--out-dir", "x", "--time-budget", "soon"])
     assert bad.returncode == 2 and "duration like 9m" in bad.stderr

@@ -21,7 +21,7 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
                    help=f"config class from bitnet/config_tiny.py (default: {gpu_preset} on a CUDA GPU, "
                         f"{cpu_preset} otherwise)")
     p.set_defaults(presets_by_device=(gpu_preset, cpu_preset))
-    p.add_argument("--max-steps", type=int, help="override the preset's max_steps")
+    p.add_argument("--max-steps", type=int, help="override the preset's max_steps (and switch off its time budget)")
     p.add_argument("--time-budget", type=parse_duration, metavar="T",
                    help="training time per model, e.g. 9m, 90s, 1h (0 = off): after warm-up, steps and schedule "
                         "are set from the measured speed; overrides --max-steps")
@@ -68,8 +68,8 @@ def choose_preset(args) -> bool:
 def build_config(args):
     cfg = PRESETS[args.preset]()
     pairs = list(args.set)
-    if args.max_steps is not None:
-        pairs.append(f"max_steps={args.max_steps}")
+    if args.max_steps is not None:  # explicit steps: the preset's time budget no longer decides them
+        pairs += [f"max_steps={args.max_steps}", "time_budget_s=0"]
     if args.seed is not None:
         pairs.append(f"seed={args.seed}")
     if getattr(args, "time_budget", None) is not None:
