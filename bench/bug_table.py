@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
-from bitnet.model import BUGS  # noqa: E402
+from bitnet.diagnose.bugs import BUGS  # noqa: E402
 
 
 def run_one(name: str, extra: list[str], args) -> dict:
@@ -64,8 +64,9 @@ def main():
         print(f"| {r['run']} | {r['verdict']} | {', '.join(r.get('suspected_bugs', []))} | "
               f"{', '.join(r.get('failed_checks', []))} | {r.get('answer_loss', float('nan')):.3f} | "
               f"{r.get('indist_acc', float('nan')):.1%} | {r['seconds']} |")
+    # a bug is caught when the verdict is BROKEN and names the problem the bug is registered with
     expected = all(r["verdict"] == "OK" for r in rows if r["run"].startswith("correct")) and all(
-        r["verdict"] == "BROKEN" and r["run"] in r.get("suspected_bugs", []) for r in rows
+        r["verdict"] == "BROKEN" and BUGS[r["run"]].problem in r.get("suspected_bugs", []) for r in rows
         if not r["run"].startswith("correct"))
     print(f"\nall as expected: {expected}")
 

@@ -1,8 +1,8 @@
 """BitLinear and its quantizers, checked against independent reference code, theory,
 and transformers' own BitNet quantizers (an implementation nobody here wrote).
 
-Several checks are also run on the known-bad variants that `bitlinear.py` can switch on
-(`bug=...`), to show that each check fails when the behaviour it guards is broken.
+Several checks are also run on the known-bad variants that bitnet/diagnose/bugs.py injects
+(`--inject-bug`), to show that each check fails when the behaviour it guards is broken.
 """
 import math
 import time
@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bitnet.bitlinear import BitLinear, activation_quant, make_linear, weight_quant
+from bitnet.bitlinear import BitLinear, activation_quant, default_linear_cls, weight_quant
+from bitnet.diagnose import effective_weight
+from bitnet.diagnose.bugs import BUGS
+
+
+def make_layer(in_features: int, out_features: int, bug: str | None = None) -> BitLinear:
+    """Our BitLinear, or the injected bug's BitLinear subclass."""
+    return (BUGS[bug].cls if bug else BitLinear)(in_features, out_features)
 
 # P(|z| < 0.5 * E|z|) for z ~ N(0, 1): the share of zeros after absmean ternary rounding.
 P_ZERO = math.erf(0.5 * math.sqrt(2 / math.pi) / math.sqrt(2))
@@ -74,8 +81,10 @@ def test_weight_quant_is_scale_equivariant():
 
 @pytest.mark.parametrize("bug", ["binary_weights", "wrong_scale", "no_rescale"])
 def test_weight_value_check_catches_bad_variants(bug):
-    w = torch.randn(64, 48, generator=gen(0)) * 0.02
-    assert not torch.allclose(weight_quant(w, bug=bug), ref_weight_quant(w), rtol=1e-5, atol=0)
+    layer = make_layer(48, 64, bug)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(64, 48, generator=gen(0)) * 0.02)
+    assert not torch.allclose(effective_weight(layer), ref_weight_quant(layer.weight), rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------- activations
@@ -120,8 +129,7 @@ def test_bitlinear_output_is_per_token():
 
 
 def test_per_token_check_catches_per_tensor_scale():
-    assert not _rows_independent(lambda x: activation_quant(x, bug="per_tensor_act"))
-    layer = BitLinear(32, 16, bug="per_tensor_act")
+    layer = make_layer(32, 16, "per_tensor_act")
     with torch.no_grad():
         layer.weight.copy_(torch.randn(16, 32, generator=gen(6)) * 0.1)
         assert not _rows_independent(layer)
@@ -130,7 +138,7 @@ def test_per_token_check_catches_per_tensor_scale():
 # ---------------------------------------------------------------- straight-through estimator
 def _ste_mismatches(bug=None) -> list[str]:
     """Forward y = x_q w_q^T, dL/dW = g^T x_q, dL/dx = g w_q, with x_q, w_q from reference code."""
-    layer = BitLinear(24, 16, bug=bug)
+    layer = make_layer(24, 16, bug)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(16, 24, generator=gen(7)) * 0.1)
     x = torch.randn(4, 7, 24, generator=gen(8)).requires_grad_(True)
@@ -163,20 +171,20 @@ def test_ste_check_catches_bad_variants(bug):
     assert _ste_mismatches(bug) != []
 
 
-def test_make_linear_switch():
-    assert type(make_linear(8, 4, "ternary")) is BitLinear
-    plain = make_linear(8, 4, "none")
+def test_default_linear_cls_switch():
+    assert default_linear_cls("ternary") is BitLinear
+    plain = default_linear_cls("none")(8, 4)
     assert type(plain) is torch.nn.Linear and plain.bias is None
     assert BitLinear(8, 4).bias is None
     with pytest.raises(ValueError, match="quant"):
-        make_linear(8, 4, "binary")
+        default_linear_cls("binary")
 
 
 # ---------------------------------------------------------------- variance at initialisation
 def _bitlinear_over_linear_variance(bug=None) -> float:
     w = torch.randn(512, 1024, generator=gen(10)) * 0.02  # the model's init (initializer_range)
     x = torch.randn(64, 1024, generator=gen(11))
-    layer = BitLinear(1024, 512, bug=bug)
+    layer = make_layer(1024, 512, bug)
     with torch.no_grad():
         layer.weight.copy_(w)
         return (layer(x).var() / F.linear(x, w).var()).item()

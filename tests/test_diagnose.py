@@ -12,16 +12,20 @@ import torch.nn as nn
 from bitnet import diagnose
 from bitnet.bitlinear import BitLinear
 from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic
-from bitnet.model import BUGS, BitNetForCausalLM
+from bitnet.diagnose.bugs import BUGS
+from bitnet.model import BitNetForCausalLM
+from bitnet.trainer import build_model
 
 torch.set_num_threads(1)
 
-STORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories"
+# the shared data sits beside the checkout (../shared), however deep the checkout is
+STORIES = next((p / "shared" / "data" / "tinystories" for p in Path(__file__).resolve().parents
+                if (p / "shared" / "data" / "tinystories").is_dir()), Path("../shared/data/tinystories"))
 
 
 def small_model(bug: str = "", quant: str = "ternary", seed: int = 0) -> BitNetForCausalLM:
     torch.manual_seed(seed)
-    return BitNetForCausalLM(BitNetConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    return build_model(BitNetConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=4, inject_bug=bug,
                                           quant=quant))
 
@@ -32,14 +36,14 @@ def failing(probes: list[dict]) -> dict[str, str | None]:
 
 # --- probes -----------------------------------------------------------------------------------
 
-# Which probes each bug must trip; every one of them must name the bug.
+# Which probes each bug must trip; every one of them must name the bug's problem.
 EXPECTED_FAILURES = {
     "no_ste": {"ste_gradients"},
-    "no_rescale": {"ternary_weights", "init_output_scale"},
-    "per_tensor_act": {"per_token_activations", "quantized_input", "ste_gradients"},
-    "quantize_output": {"quantized_input", "ste_gradients"},
-    "binary_weights": {"ternary_weights"},
-    "wrong_scale": {"ternary_weights", "init_output_scale"},
+    "no_rescale": {"output_matches_recipe", "init_output_scale"},
+    "per_tensor_act": {"per_token_scale", "output_matches_recipe"},
+    "quantize_output": {"activations_int8", "output_matches_recipe"},
+    "binary_weights": {"weights_ternary", "output_matches_recipe"},
+    "wrong_scale": {"weights_ternary", "output_matches_recipe", "init_output_scale"},
     "norm_in_forward": {"all_parameters_trained"},
     "residual_bug": {"residual_paths"},
 }
@@ -52,7 +56,7 @@ def test_expected_failures_cover_every_bug():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_correct_model_passes_every_probe(seed):
     probes = diagnose.run_probes(small_model(seed=seed))
-    assert [p["name"] for p in probes] == [f.__name__.removeprefix("probe_") for f in diagnose.PROBES]
+    assert [p["name"] for p in probes] == list(diagnose.PROBE_NAMES)
     assert failing(probes) == {}
     assert all(p["suspected_bug"] is None for p in probes)
 
@@ -60,7 +64,7 @@ def test_correct_model_passes_every_probe(seed):
 @pytest.mark.parametrize("bug", BUGS)
 def test_each_bug_fails_its_probes_and_is_named(bug):
     probes = diagnose.run_probes(small_model(bug))
-    assert failing(probes) == {name: bug for name in EXPECTED_FAILURES[bug]}
+    assert failing(probes) == {name: BUGS[bug].problem for name in EXPECTED_FAILURES[bug]}
 
 
 def test_probes_pass_on_a_trained_model_and_leave_it_unchanged():
@@ -194,15 +198,15 @@ def test_run_detectors_picks_what_the_inputs_allow():
 
 LEARNS = diagnose.learning_summary(history([3.5, 1.0]), 32)
 STALLS = diagnose.learning_summary(history([3.5, 3.4]), 32)
-PASS = [diagnose.result("ternary_weights", True, {}), diagnose.result("residual_paths", True, {})]
+PASS = [diagnose.result("weights_ternary", True, {}), diagnose.result("residual_paths", True, {})]
 
 
 def test_verdict_broken_when_a_probe_fails_names_the_bug():
-    probes = [diagnose.result("ternary_weights", False, {"zero_share": 1.0}, "wrong_scale"), PASS[1]]
+    probes = [diagnose.result("weights_ternary", False, {"zero_share": 1.0}, "wrong_weight_scale"), PASS[1]]
     v = diagnose.make_verdict(probes, LEARNS, LEARNS, [])
     assert v["verdict"] == "BROKEN"
-    assert v["failed_checks"] == ["ternary_weights"] and v["suspected_bugs"] == ["wrong_scale"]
-    assert v["evidence"]["failed_probes"]["ternary_weights"] == {"zero_share": 1.0}
+    assert v["failed_checks"] == ["weights_ternary"] and v["suspected_bugs"] == ["wrong_weight_scale"]
+    assert v["evidence"]["failed_probes"]["weights_ternary"] == {"zero_share": 1.0}
 
 
 def test_verdict_twin_learns_ternary_does_not_is_broken_with_cause():

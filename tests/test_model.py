@@ -6,6 +6,7 @@ import torch
 
 from bitnet.bitlinear import BitLinear
 from bitnet.model import BitNetForCausalLM, BitNetRMSNorm
+from bitnet.trainer import build_model
 
 
 def gen(seed: int) -> torch.Generator:
@@ -147,7 +148,7 @@ def test_no_module_is_created_in_forward(tiny_model_cfg, quant):
 
 
 def test_module_and_norm_checks_catch_a_norm_built_in_forward(tiny_model_cfg):
-    model = BitNetForCausalLM(tiny_model_cfg(inject_bug="norm_in_forward"))
+    model = build_model(tiny_model_cfg(inject_bug="norm_in_forward"))
     ids = random_ids(2, 10, seed=5)
     assert "BitNetRMSNorm" in modules_called_outside(model, lambda: model(ids, ids)[1].backward())
     assert model.model.layers[0].mlp.ffn_sub_norm.weight.grad is None  # the registered norm is never used
@@ -177,7 +178,7 @@ def test_causality(tiny_model_cfg, quant):
 
 
 def test_causality_check_catches_a_per_tensor_activation_scale(tiny_model_cfg):
-    model = randomize(BitNetForCausalLM(tiny_model_cfg(inject_bug="per_tensor_act")))
+    model = randomize(build_model(tiny_model_cfg(inject_bug="per_tensor_act")))
     assert leaks_future(model)
 
 

@@ -6,38 +6,23 @@ The recipe (Ma et al. 2024, "The Era of 1-bit LLMs", and its training-tips note)
   gradients:   straight-through estimator, q_ste(x) = x + (q(x) - x).detach()
 The *input* of the matmul is quantized, never its output, and there is no bias.
 
-`bug` arguments exist only for the self-test (`--inject-bug`): each reproduces one
-known mistake of popular implementations so that the diagnosis can be shown to
-catch it. They are off (None) unless asked for.
+Only the correct stack lives here; the self-test's broken variants (`--inject-bug`) are
+wrapper layers in bitnet/diagnose/bugs.py.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Layer-level bugs that `--inject-bug` can switch on (see diagnose.py for the model-level ones).
-LAYER_BUGS = ("no_ste", "no_rescale", "per_tensor_act", "quantize_output", "binary_weights", "wrong_scale")
 
-
-def weight_quant(w: torch.Tensor, bug: str | None = None) -> torch.Tensor:
+def weight_quant(w: torch.Tensor) -> torch.Tensor:
     """Ternary absmean quantization, returned dequantized: values in {-1, 0, +1} / s."""
-    mean_abs = w.abs().mean().clamp(min=1e-5)
-    scale = mean_abs if bug == "wrong_scale" else 1.0 / mean_abs  # BUG wrong_scale: mean|W| used as s
-    if bug == "binary_weights":  # BUG: sign() is binary, not ternary
-        q = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
-    else:
-        q = (w * scale).round().clamp(-1, 1)
-    if bug == "no_rescale":  # BUG: ternary values never multiplied back by 1/s
-        return q
-    return q / scale
+    scale = 1.0 / w.abs().mean().clamp(min=1e-5)
+    return (w * scale).round().clamp(-1, 1) / scale
 
 
-def activation_quant(x: torch.Tensor, bug: str | None = None) -> torch.Tensor:
+def activation_quant(x: torch.Tensor) -> torch.Tensor:
     """Per-token 8-bit absmax quantization, returned dequantized: values in [-128, 127] / s."""
-    if bug == "per_tensor_act":  # BUG: one scale for the whole tensor leaks across tokens
-        max_abs = x.abs().amax().clamp(min=1e-5)
-    else:
-        max_abs = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
-    scale = 127.0 / max_abs
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
     return (x * scale).round().clamp(-128, 127) / scale
 
 
@@ -53,32 +38,24 @@ class BitLinear(nn.Linear):
     copies exist only inside forward().
     """
 
-    def __init__(self, in_features: int, out_features: int, bug: str | None = None):
+    def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-        if bug is not None and bug not in LAYER_BUGS:
-            raise ValueError(f"unknown layer bug {bug!r}; choose one of {LAYER_BUGS}")
-        self.bug = bug
-
-    def quantized_weight(self) -> torch.Tensor:
-        return weight_quant(self.weight, self.bug)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bug = self.bug
-        w_q = weight_quant(self.weight, bug)
-        if bug == "no_ste":  # BUG: raw round() in the graph; its gradient is zero almost everywhere
-            return F.linear(activation_quant(x), w_q)
-        w = ste(self.weight, w_q)
-        if bug == "quantize_output":  # BUG: matmul on the raw input, then quantize the result
-            y = F.linear(x, w)
-            return ste(y, activation_quant(y))
-        x = ste(x, activation_quant(x, bug))
+        w = ste(self.weight, weight_quant(self.weight))
+        x = ste(x, activation_quant(x))
         return F.linear(x, w)
 
 
-def make_linear(in_features: int, out_features: int, quant: str, bug: str | None = None) -> nn.Linear:
-    """BitLinear for quant='ternary', plain bias-free nn.Linear for the full-precision twin."""
+def full_precision_linear(in_features: int, out_features: int) -> nn.Linear:
+    """The full-precision twin's projection: a bias-free nn.Linear."""
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+def default_linear_cls(quant: str):
+    """BitLinear for quant='ternary', the bias-free nn.Linear for the full-precision twin."""
     if quant == "ternary":
-        return BitLinear(in_features, out_features, bug=bug)
+        return BitLinear
     if quant == "none":
-        return nn.Linear(in_features, out_features, bias=False)
+        return full_precision_linear
     raise ValueError(f"quant must be 'ternary' or 'none', got {quant!r}")

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from .config_tiny import PRESETS
-from .model import BUGS
+from .diagnose.bugs import BUG_NAMES as BUGS
 from .trainer import (CKPT_NAME, TrainingError, out_dir_lock, pick_device, previous_checkpoint, stop_on_signals,
                       write_json_atomic)
 
@@ -22,7 +22,10 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
                    help=f"config class from bitnet/config_tiny.py (default: {gpu_preset} on a CUDA GPU, "
                         f"{cpu_preset} otherwise)")
     p.set_defaults(presets_by_device=(gpu_preset, cpu_preset))
-    p.add_argument("--max-steps", type=int, help="override the preset's max_steps")
+    p.add_argument("--max-steps", type=int, help="override the preset's max_steps (and switch off its time budget)")
+    p.add_argument("--time-budget", type=parse_duration, metavar="T",
+                   help="training time per model, e.g. 9m, 90s, 1h (0 = off): after warm-up, steps and schedule "
+                        "are set from the measured speed; overrides --max-steps")
     p.add_argument("--quant", choices=["ternary", "none"], default="ternary",
                    help="ternary = BitNet b1.58; none = the full-precision twin")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -43,6 +46,19 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
     return p
 
 
+def parse_duration(text: str) -> float:
+    """'90s', '9m', '1.5h' or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    num, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 9m, 90s or 1h, got {text!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"a time budget cannot be negative, got {text!r}")
+    return seconds
+
+
 def choose_preset(args) -> bool:
     """Fill in args.preset from the device when --preset was not given; True if it did."""
     if args.preset:
@@ -55,12 +71,16 @@ def choose_preset(args) -> bool:
 def build_config(args):
     cfg = PRESETS[args.preset]()
     pairs = list(args.set)
-    if args.max_steps is not None:
-        pairs.append(f"max_steps={args.max_steps}")
+    if args.max_steps is not None:  # explicit steps: the preset's time budget no longer decides them
+        pairs += [f"max_steps={args.max_steps}", "time_budget_s=0"]
     if args.seed is not None:
         pairs.append(f"seed={args.seed}")
+    if getattr(args, "time_budget", None) is not None:
+        pairs.append(f"time_budget_s={args.time_budget}")
     pairs += [f"quant={args.quant}", f"inject_bug={args.inject_bug}"]
     cfg = cfg.with_overrides(pairs)
+    if cfg.quant == "none" and cfg.fp_learning_rate > 0:  # the twin trains at its own tuned rate
+        cfg = cfg.with_overrides([f"learning_rate={cfg.fp_learning_rate}"])
     check_config(cfg)
     return cfg
 
@@ -154,7 +174,9 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
               for name, (proc, _) in procs.items() if proc.returncode != 0]
     if failed:
         codes = {proc.returncode for proc, _ in procs.values() if proc.returncode != 0}
-        err = TrainingError("twin run failed: " + "; ".join(failed))
+        stopped = codes <= {130, 143}  # SIGINT/SIGTERM: each run saved its checkpoint
+        err = TrainingError(("twin run stopped (continue with --resume): " if stopped else "twin run failed: ")
+                            + "; ".join(failed))
         err.exit_code = codes.pop() if len(codes) == 1 and codes <= {3, 130, 143} else 2  # both stopped alike: say so
         raise err
     summaries = {}
@@ -164,20 +186,22 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
     return summaries
 
 
-def run_experiment(args, cfg, task, script: str, summarize, report, child_args: list[str] = ()):
+def run_experiment(args, cfg, task, script: str, summarize, report, child_args: list[str] = (), conclude=None):
     """run_experiment_unlocked() while holding OUT_DIR's lock: one run writes an OUT_DIR at a time."""
     with out_dir_lock(args.out_dir):
-        return run_experiment_unlocked(args, cfg, task, script, summarize, report, child_args)
+        return run_experiment_unlocked(args, cfg, task, script, summarize, report, child_args, conclude)
 
 
-def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, child_args: list[str] = ()):
+def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, child_args: list[str] = (),
+                            conclude=None):
     """The shared tail of both train scripts.
 
     Single run: train (with quantization health logged at each evaluation), write
     summary.json, print `report(summary)`, then probes, detectors and the verdict.
     --twin: run_twin() trains both models; then the side-by-side comparison and the verdict
     for the pair go to OUT_DIR (summary.json, verdict.json, loss_curves.png, ...).
-    `summarize(result) -> dict` and `report(summary)` are the experiment's own.
+    `summarize(result) -> dict` and `report(summary)` are the experiment's own; so is
+    `conclude({name: summary}, verdict) -> dict`, the last word printed, when given.
     """
     from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
     from .trainer import METRICS_NAME, load_checkpoint, model_from_checkpoint, train
@@ -196,10 +220,11 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
                                metrics_paths={"ternary": os.path.join(runs["ternary"], METRICS_NAME),
                                               "fp twin": os.path.join(runs["fp"], METRICS_NAME)},
                                learning_kwargs=task.learning_kwargs, **task.diagnosis_inputs(model))
+        outcome = conclude(summaries, verdict) if conclude else {}
         write_json_atomic(os.path.join(args.out_dir, "summary.json"),
                           {"ternary": summaries["ternary"], "fp": summaries["fp"], "comparison": comparison,
-                           "verdict": verdict["verdict"], "suspected_bugs": verdict["suspected_bugs"]})
-        return {"summaries": summaries, "comparison": comparison, "verdict": verdict}
+                           "verdict": verdict["verdict"], "suspected_bugs": verdict["suspected_bugs"], **outcome})
+        return {"summaries": summaries, "comparison": comparison, "verdict": verdict, **outcome}
 
     tracker = QuantHealthTracker(lambda: task.get_batch(0, 8)) if cfg.quant == "ternary" else None
     resume = previous_checkpoint(os.path.join(args.out_dir, CKPT_NAME)) if args.resume_from_previous else args.resume
@@ -214,4 +239,5 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
     verdict = diagnose_run(model, result["history"], out_dir=args.out_dir,
                            metrics_paths={cfg.quant: os.path.join(args.out_dir, METRICS_NAME)},
                            learning_kwargs=task.learning_kwargs, **task.diagnosis_inputs(model))
-    return {"summary": summary, "verdict": verdict}
+    outcome = conclude({cfg.quant: summary}, verdict) if conclude else {}
+    return {"summary": summary, "verdict": verdict, **outcome}

@@ -422,13 +422,13 @@ class TinyStoriesTask:
     metric_keys = ["bits_per_byte", "train_loss_eval"]
 
     def milestones(self) -> dict[str, float]:
-        from .diagnose import unigram_loss
+        from .data_arithmetic import unigram_loss
         ln_v, uni = math.log(self.cfg.vocab_size), unigram_loss(self.get_batch, 10, 16)
         return {f"ln(vocab) {ln_v:.2f}": ln_v, f"unigram {uni:.2f}": uni, "5.0 (seed: stuck above)": 5.0,
                 "2.0 (target)": 2.0}
 
     def diagnosis_inputs(self, model) -> dict:
-        from .diagnose import words_of
+        from .diagnose.detectors import words_of
         if not self.last_samples:
             self.last_samples = self.generate_stories(model, next(model.parameters()).device)
         known = set(words_of(self.tok.decode(self.train_tokens[:1_000_000].tolist())))

@@ -6,6 +6,9 @@ comes out of an RMSNorm. The MLP is gated with squared ReLU. Embeddings and
 `lm_head` stay full precision. Parameter names match transformers' exactly
 (`model.layers.0.self_attn.q_proj.weight`, ...), so `state_dict()` loads into
 `transformers.BitNetForCausalLM` without renaming.
+
+Every projection is built by `linear_cls(in_features, out_features)`: BitLinear for
+quant="ternary", a bias-free nn.Linear for the full-precision twin, or any class passed in.
 """
 import math
 
@@ -13,11 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bitlinear import LAYER_BUGS, make_linear
+from .bitlinear import default_linear_cls
 from .config_tiny import BitNetConfig
-
-MODEL_BUGS = ("norm_in_forward", "residual_bug")  # self-test switches that live in this file
-BUGS = LAYER_BUGS + MODEL_BUGS
 
 
 class BitNetRMSNorm(nn.Module):
@@ -55,17 +55,16 @@ class BitNetRotaryEmbedding(nn.Module):
 
 
 class BitNetAttention(nn.Module):
-    def __init__(self, config: BitNetConfig):
+    def __init__(self, config: BitNetConfig, linear_cls):
         super().__init__()
         d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         if d % h or h % kv:
             raise ValueError(f"hidden_size {d} must divide by num_attention_heads {h}, and that by num_key_value_heads {kv}")
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        bug = config.inject_bug if config.inject_bug in LAYER_BUGS else None
-        self.q_proj = make_linear(d, h * hd, config.quant, bug)
-        self.k_proj = make_linear(d, kv * hd, config.quant, bug)
-        self.v_proj = make_linear(d, kv * hd, config.quant, bug)
-        self.o_proj = make_linear(h * hd, d, config.quant, bug)
+        self.q_proj = linear_cls(d, h * hd)
+        self.k_proj = linear_cls(d, kv * hd)
+        self.v_proj = linear_cls(d, kv * hd)
+        self.o_proj = linear_cls(h * hd, d)
         self.attn_sub_norm = BitNetRMSNorm(h * hd, eps=config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -84,44 +83,38 @@ class BitNetAttention(nn.Module):
 
 
 class BitNetMLP(nn.Module):
-    def __init__(self, config: BitNetConfig):
+    def __init__(self, config: BitNetConfig, linear_cls):
         super().__init__()
         d, ff = config.hidden_size, config.intermediate_size
-        bug = config.inject_bug if config.inject_bug in LAYER_BUGS else None
-        self.gate_proj = make_linear(d, ff, config.quant, bug)
-        self.up_proj = make_linear(d, ff, config.quant, bug)
-        self.down_proj = make_linear(ff, d, config.quant, bug)
+        self.gate_proj = linear_cls(d, ff)
+        self.up_proj = linear_cls(d, ff)
+        self.down_proj = linear_cls(ff, d)
         self.ffn_sub_norm = BitNetRMSNorm(ff, eps=config.rms_norm_eps)
-        self.norm_in_forward = config.inject_bug == "norm_in_forward"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.gate_proj(x)).square() * self.up_proj(x)  # squared-ReLU gate ("relu2")
-        if self.norm_in_forward:  # BUG: a fresh norm each call; its weight is never trained
-            return self.down_proj(BitNetRMSNorm(h.shape[-1]).to(h.device)(h))
         return self.down_proj(self.ffn_sub_norm(h))
 
 
 class BitNetDecoderLayer(nn.Module):
-    def __init__(self, config: BitNetConfig):
+    def __init__(self, config: BitNetConfig, linear_cls):
         super().__init__()
         self.input_layernorm = BitNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = BitNetAttention(config)
+        self.self_attn = BitNetAttention(config, linear_cls)
         self.post_attention_layernorm = BitNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = BitNetMLP(config)
+        self.mlp = BitNetMLP(config, linear_cls)
         self.dropout = nn.Dropout(config.dropout)
-        self.residual_bug = config.inject_bug == "residual_bug"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        attn = self.dropout(self.self_attn(self.input_layernorm(x), cos, sin))
-        x = attn if self.residual_bug else x + attn  # BUG residual_bug: the block drops its input
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class BitNetModel(nn.Module):
-    def __init__(self, config: BitNetConfig):
+    def __init__(self, config: BitNetConfig, linear_cls):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(BitNetDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(BitNetDecoderLayer(config, linear_cls) for _ in range(config.num_hidden_layers))
         self.norm = BitNetRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = BitNetRotaryEmbedding(config)
 
@@ -134,14 +127,12 @@ class BitNetModel(nn.Module):
 
 
 class BitNetForCausalLM(nn.Module):
-    def __init__(self, config: BitNetConfig):
+    def __init__(self, config: BitNetConfig, linear_cls=None):
+        """`linear_cls(in_features, out_features)` builds every projection (default: by config.quant)."""
         super().__init__()
-        if config.quant not in ("ternary", "none"):
-            raise ValueError(f"quant must be 'ternary' or 'none', got {config.quant!r}")
-        if config.inject_bug and config.inject_bug not in BUGS:
-            raise ValueError(f"unknown --inject-bug {config.inject_bug!r}; choose one of: {', '.join(BUGS)}")
+        self.linear_cls = default_linear_cls(config.quant) if linear_cls is None else linear_cls
         self.config = config
-        self.model = BitNetModel(config)
+        self.model = BitNetModel(config, self.linear_cls)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

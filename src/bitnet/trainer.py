@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -384,18 +384,77 @@ class Interrupted(TrainingError):
                          f"continue with --resume")
 
 
+def find_runs(path: str) -> tuple[str, str | None, str]:
+    """(ternary run, twin run or None, folder for verdict.json and PNGs).
+
+    `path` is a run folder or its ckpt.pt. The twin layout OUT/ternary + OUT/fp is recognised
+    from OUT or from OUT/ternary; anything else is a single run reported into its own folder."""
+    run_dir = path.rstrip("/") if os.path.isdir(path) else os.path.dirname(path) or "."
+    if os.path.isdir(os.path.join(run_dir, "ternary")):
+        root, ternary = run_dir, os.path.join(run_dir, "ternary")
+    elif os.path.basename(run_dir) == "ternary":
+        root, ternary = os.path.dirname(run_dir) or ".", path
+    else:
+        return path, None, run_dir
+    twin = os.path.join(root, "fp")
+    return ternary, (twin if os.path.isdir(twin) else None), root
+
+
+def build_model(cfg: BitNetConfig) -> BitNetForCausalLM:
+    """The model for `cfg`; with cfg.inject_bug (the self-test) the diagnosis package swaps the bug in."""
+    model = BitNetForCausalLM(cfg)
+    if cfg.inject_bug:
+        from .diagnose.bugs import inject
+        inject(model, cfg.inject_bug)
+    return model
+
+
 def model_from_checkpoint(ckpt: dict, device="cpu") -> BitNetForCausalLM:
     from . import config_tiny
     cls = getattr(config_tiny, ckpt.get("config_class", "BitNetConfig"), config_tiny.BitNetConfig)
     try:
         cfg = cls(**ckpt["config"])
-        model = BitNetForCausalLM(cfg)
+        model = build_model(cfg)
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:  # a config from another version, or weights of another shape
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(f"the checkpoint's weights do not fit its config {cls.__name__} ({first[:200]}); "
                             f"it was written by another version or edited; retrain or use the matching version") from None
     return model.to(device).eval()
+
+
+class TimeBudget:
+    """Fits max_steps to `cfg.time_budget_s` from the speed measured after warm-up.
+
+    The plan is made once, when warm-up ends (the learning rate does not depend on max_steps
+    before then): steps = what the remaining time buys at the measured steps/s, less the cost
+    of the evaluations those steps bring (timed on the first one); with stop_when_solved, at most
+    the preset's max_steps. `over()` is the hard stop.
+    """
+
+    def __init__(self, cfg: BitNetConfig, start_step: int):
+        self.budget, self.t0 = cfg.time_budget_s, time.time()
+        self.plan_at = start_step + max(cfg.warmup_steps, 20)
+        self.rate_from = None  # (step, time) once the first steps (and any compile) are behind
+        self.eval_s = 0.0
+
+    def after_step(self, cfg: BitNetConfig, step: int, start_step: int) -> BitNetConfig:
+        if not self.budget:
+            return cfg
+        if step == start_step + 5:
+            self.rate_from = (step, time.time())
+        if step == self.plan_at and self.rate_from:
+            s0, t_s0 = self.rate_from
+            sec_per_step = (time.time() - t_s0) / max(1, step - s0)
+            remaining = self.budget - (time.time() - self.t0) - 2 * self.eval_s  # the final eval + margin
+            steps = max(step + 1, step + int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval)))
+            # A task that can be solved keeps its preset's (measured) schedule when the budget buys
+            # more: a longer cosine would only anneal later and solve later. Otherwise fill the budget.
+            cfg = replace(cfg, max_steps=min(steps, cfg.max_steps) if cfg.stop_when_solved else steps)
+        return cfg
+
+    def over(self) -> bool:
+        return bool(self.budget) and time.time() - self.t0 > self.budget - self.eval_s
 
 
 def forget_metrics_after(metrics_path: str, step: int):
@@ -433,10 +492,11 @@ def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str, on_eva
         on_eval.load_state_dict(ckpt["on_eval"])
     step = ckpt["step"]
     forget_metrics_after(metrics_path, step)
-    return step, ckpt.get("history", []), ckpt.get("train_state", {})
+    train_state = dict(ckpt.get("train_state", {}), planned_max_steps=ckpt.get("planned_max_steps", 0))
+    return step, ckpt.get("history", []), train_state
 
 
-RESUME_MAY_CHANGE = ("max_steps", "eval_interval", "checkpoint_interval_s")  # the only fields a resume may change
+RESUME_MAY_CHANGE = ("max_steps", "eval_interval", "time_budget_s", "checkpoint_interval_s")  # the only fields a resume may change
 
 
 def evaluate_and_log(model, task, device, step, cfg, log_fn, amp) -> dict:
@@ -461,7 +521,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     log = (lambda s: None) if quiet else (lambda s: tqdm.write(s, file=sys.stdout))
 
     seed_everything(cfg.seed)
-    model = BitNetForCausalLM(cfg).to(dev)
+    model = build_model(cfg).to(dev)
     opt = make_optimizer(model, cfg, dev)
     step, history = 0, []
     train_state, keep_previous = {}, True
@@ -469,6 +529,8 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         source = ckpt_path if resume is True else str(resume)
         step, history, train_state = restore_run(source, cfg, task, model, opt, metrics_path, on_eval)
         keep_previous = source == ckpt_path  # a damaged ckpt.pt must not become the new "previous good" one
+        if train_state["planned_max_steps"]:  # a time-budgeted run keeps the plan it made
+            cfg = replace(cfg, max_steps=train_state["planned_max_steps"], time_budget_s=0.0)
         log(f"resumed from {source} at step {step}")
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
@@ -491,6 +553,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         nonlocal keep_previous
         contents = checkpoint_contents(model, opt, step, cfg, task, history,
                                        {"first_loss": first_loss, "loss_ema": loss_ema}, on_eval)
+        contents["planned_max_steps"] = cfg.max_steps if planned else 0
         try:
             save_checkpoint(contents, ckpt_path, keep_previous)
         except TrainingError:
@@ -516,9 +579,13 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         record({"kind": "eval", **m})
         return m
 
+    solved = getattr(task, "solved", None) if cfg.stop_when_solved else None
+    budget, start_step, planned = TimeBudget(cfg, step), step, False
     model.train()
     if step == 0 and not history:
+        t_eval = time.time()
         run_eval()  # the loss at step 0 should sit near ln(vocab_size)
+        budget.eval_s = time.time() - t_eval
     t0, tokens = time.time(), 0
     first_loss, loss_ema = train_state.get("first_loss"), train_state.get("loss_ema")
     saved["time"] = t0
@@ -559,9 +626,22 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
                     "tokens_per_s": tps, "elapsed_s": time.time() - t0})
             bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            run_eval()
+        if not planned:
+            planned_cfg = budget.after_step(cfg, step, start_step)
+            if planned_cfg is not cfg:
+                cfg, planned = planned_cfg, True
+                bar.total = cfg.max_steps
+                log(f"time budget {budget.budget:.0f} s: {cfg.max_steps} steps at the measured speed")
+        out_of_time = budget.over()
+        if step % cfg.eval_interval == 0 or step >= cfg.max_steps or out_of_time:
+            m = run_eval()
             checkpoint()
+            if solved is not None and solved(m):
+                log(f"solved at step {step}: every validation score >= {task.solve_target:.1%}; stopping")
+                break
+            if out_of_time:
+                log(f"time budget {budget.budget:.0f} s spent at step {step}; stopping")
+                break
         elif time.time() - saved["time"] >= cfg.checkpoint_interval_s:
             checkpoint()
         if _stop_signal:  # SIGTERM/SIGINT under stop_on_signals(): save, then stop
@@ -573,5 +653,6 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     final = history[-1]
     elapsed = time.time() - t0
     return {"final": final, "history": history, "first_train_loss": first_loss, "last_train_loss": loss_ema,
+            "max_steps": cfg.max_steps, "solved": bool(solved and solved(final)),
             "elapsed_s": elapsed, "tokens_per_s": tokens / max(1e-9, elapsed), "n_params": n_params,
             "out_dir": out_dir, "model": model}

@@ -1,0 +1,220 @@
+"""Run-history detectors: pure functions on a run's evaluation history and on generated samples
+(not learning, loss stuck above 5, NaN/Inf, repetitive or gibberish samples, arithmetic answers
+that are not numbers). Each returns the `result()` shape of the probes."""
+import math
+import re
+
+import torch
+import torch.nn as nn
+
+from .probes import eval_mode, logits_of, next_token_loss, random_batch, result
+
+LEARNING_MARGIN_SHARE = 0.15  # "clearly below": at least 15% of ln(vocab) ...
+LEARNING_MARGIN_MIN = 0.3  # ... and at least 0.3 nats
+
+
+def learning_summary(history: list[dict], vocab_size: int, warmup_steps: int = 0,
+                     baseline_loss: float | None = None, metric: str | None = None,
+                     min_metric: float | None = None) -> dict:
+    """Does a run learn? The definition the verdict uses:
+
+    A run *learns* when its last evaluation comes after warm-up (step >= warmup_steps, and
+    step > 0), its val_loss is finite, and val_loss <= baseline - margin, where baseline is
+    ln(vocab_size) (the loss of a uniform guess; pass `baseline_loss` for a stronger one, such as
+    the unigram level) and margin = max(0.3, 0.15 * baseline) nats. With `metric` and
+    `min_metric` (e.g. "indist_acc", 0.05 for arithmetic) the last evaluation must also reach
+    that task metric.
+
+    `history` is a list of evaluation dicts with "step" and "val_loss" (metrics.jsonl "eval"
+    lines, or trainer.train()'s "history").
+    """
+    baseline = math.log(vocab_size) if baseline_loss is None else float(baseline_loss)
+    margin = max(LEARNING_MARGIN_MIN, LEARNING_MARGIN_SHARE * baseline)
+    threshold = baseline - margin
+    summary = {"learns": False, "threshold": threshold, "baseline_loss": baseline, "margin": margin,
+               "final_step": None, "final_val_loss": None, "best_val_loss": None}
+    evals = [h for h in history if "val_loss" in h]
+    if not evals:
+        return {**summary, "reason": "no evaluation with a val_loss"}
+    last = evals[-1]
+    losses = [h["val_loss"] for h in evals if _finite(h["val_loss"])]
+    summary.update(final_step=last.get("step"), final_val_loss=last["val_loss"],
+                   best_val_loss=min(losses) if losses else None)
+    if not last.get("step") or last["step"] < warmup_steps:
+        return {**summary, "reason": f"last evaluation at step {last.get('step')} is not after warm-up ({warmup_steps} steps)"}
+    if not _finite(last["val_loss"]):
+        return {**summary, "reason": f"final val_loss is {last['val_loss']}"}
+    if last["val_loss"] > threshold:
+        return {**summary, "reason": f"final val_loss {last['val_loss']:.3f} > {threshold:.3f} (ln-vocab baseline "
+                                     f"{baseline:.3f} - margin {margin:.2f})"}
+    if metric is not None and min_metric is not None:
+        value = last.get(metric)
+        summary[metric] = value
+        if value is None or value < min_metric:
+            return {**summary, "reason": f"{metric} = {value} < {min_metric}"}
+    return {**summary, "learns": True,
+            "reason": f"final val_loss {last['val_loss']:.3f} <= {threshold:.3f} at step {last['step']}"}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def detect_not_learning(history: list[dict], vocab_size: int, warmup_steps: int = 0, **kwargs) -> dict:
+    """Fails when the run does not learn in the sense of learning_summary()."""
+    summary = learning_summary(history, vocab_size, warmup_steps, **kwargs)
+    return result("not_learning", summary["learns"], summary)
+
+
+def detect_loss_stuck(history: list[dict], warmup_steps: int = 0, level: float = 5.0) -> dict:
+    """Fails when evaluations after warm-up exist and none of them got val_loss below `level`
+    (5 nats: the seed's sign that a TinyStories run is stuck)."""
+    after = [h["val_loss"] for h in history if "val_loss" in h and h.get("step", 0) >= max(1, warmup_steps)]
+    best = min((v for v in after if _finite(v)), default=None)  # None: nothing finite to judge
+    stuck = bool(after) and (best is None or best > level)
+    return result("loss_stuck_above_5" if level == 5.0 else f"loss_stuck_above_{level:g}", not stuck,
+                  {"evaluations_after_warmup": len(after), "best_val_loss": best, "level": level})
+
+
+def _non_finite_entries(obj, path: str = "") -> list[str]:
+    """Paths of NaN/Inf numbers anywhere in a (nested) metrics dict."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [path]
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in _non_finite_entries(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in _non_finite_entries(v, f"{path}[{i}]")]
+    return []
+
+
+def detect_non_finite(history: list[dict] | None = None, model: nn.Module | None = None, batch=None) -> dict:
+    """NaN/Inf in the logged metrics (losses, grad norms, health numbers, or a metrics.jsonl
+    "error" line) and, given a model, in any module's output (activations), the loss or any
+    gradient of a forward+backward on `batch` (input_ids, labels; random tokens if None)."""
+    evidence = {"in_history": [], "in_activations": [], "in_loss": False, "in_gradients": []}
+    for entry in history or []:
+        if entry.get("kind") == "error" or "error" in entry:
+            evidence["in_history"].append(f"step {entry.get('step')}: {entry.get('error')}")
+        evidence["in_history"] += [f"step {entry.get('step')}: {p}" for p in _non_finite_entries(entry)]
+    if model is not None:
+        x, y = batch if batch is not None else random_batch(model, batch_size=4, seq_len=32)
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def check_output(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if torch.is_tensor(out) and out.is_floating_point() and not torch.isfinite(out).all():
+                evidence["in_activations"].append(names.get(id(module), type(module).__name__))
+
+        handles = [m.register_forward_hook(check_output) for m in model.modules()]
+        try:
+            with eval_mode(model), torch.enable_grad():
+                loss = next_token_loss(logits_of(model, x.to(next(model.parameters()).device)),
+                                       y.to(next(model.parameters()).device))
+        finally:
+            for h in handles:
+                h.remove()
+        evidence["in_loss"] = not bool(torch.isfinite(loss))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+        evidence["in_gradients"] = [n for (n, _), g in zip(named, grads) if g is not None and not torch.isfinite(g).all()]
+    evidence = {k: (v[:10] if isinstance(v, list) else v) for k, v in evidence.items()}
+    passed = not (evidence["in_history"] or evidence["in_activations"] or evidence["in_loss"] or evidence["in_gradients"])
+    return result("non_finite", passed, evidence)
+
+
+WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case words (letters and inner apostrophes); numbers and punctuation are dropped."""
+    return WORD_RE.findall(text.lower())
+
+
+def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def detect_repetitive_samples(samples: list[str], n: int = 3, max_repeat_rate: float = 0.3,
+                              min_distinct_2: float = 0.5) -> dict:
+    """Generated text that loops.
+
+    repeat rate: within each sample, the share of word n-grams (n=3) that already occurred
+      earlier in it, averaged over samples; real TinyStories stories: median 0.02, 99th
+      percentile 0.14.
+    distinct-2: unique word bigrams / all bigrams, pooled over samples (Li et al. 2016); real
+      stories: median 0.9.
+    Fails when repeat rate > 0.3 or distinct-2 < 0.5.
+    """
+    rates, bigrams = [], []
+    for s in samples:
+        words = words_of(s)
+        grams = ngrams(words, n)
+        if grams:
+            rates.append(1 - len(set(grams)) / len(grams))
+        bigrams += ngrams(words, 2)
+    if not rates:
+        return result("repetitive_samples", True, {"note": f"no sample has {n} words", "samples": len(samples)})
+    repeat_rate = sum(rates) / len(rates)
+    distinct_2 = len(set(bigrams)) / len(bigrams)
+    passed = repeat_rate <= max_repeat_rate and distinct_2 >= min_distinct_2
+    return result("repetitive_samples", passed, {"samples": len(samples), f"repeated_{n}gram_rate": repeat_rate,
+                                                 "distinct_2": distinct_2, "max_repeat_rate": max_repeat_rate,
+                                                 "min_distinct_2": min_distinct_2})
+
+
+def load_word_list(path: str, max_chars: int | None = None) -> set[str]:
+    """The set of words in a training text file (read up to max_chars characters)."""
+    with open(path, encoding="utf-8") as f:
+        return set(words_of(f.read(max_chars) if max_chars else f.read()))
+
+
+def detect_gibberish_samples(samples: list[str], known_words: set[str], max_unknown_share: float = 0.15) -> dict:
+    """Fails when more than 15% of the generated words never occur in the training text
+    (real held-out TinyStories stories: median 0%, worst of 400 8.5%)."""
+    words = [w for s in samples for w in words_of(s)]
+    if not words:
+        return result("gibberish_samples", True, {"note": "no words in the samples", "samples": len(samples)})
+    unknown = [w for w in words if w not in known_words]
+    share = len(unknown) / len(words)
+    return result("gibberish_samples", share <= max_unknown_share,
+                  {"words": len(words), "unknown_share": share, "max_unknown_share": max_unknown_share,
+                   "unknown_examples": sorted(set(unknown))[:10]})
+
+
+SAMPLE_PROMPT_RE = re.compile(r"^\s*\d+\s*[-+*/]\s*\d+\s*=")  # '12 + 7 =' starting a sample line
+SAMPLE_MARK_RE = re.compile(r"\s{2}(ok|WRONG, want -?\d+)\s*$")  # how ArithmeticTask.sample_lines ends one
+
+
+def answer_of(line: str) -> str:
+    """The model's answer in a sample line ('12 + 7 = 19  ok' -> '19'); a bare completion is returned stripped."""
+    if SAMPLE_PROMPT_RE.match(line):
+        line = SAMPLE_MARK_RE.sub("", SAMPLE_PROMPT_RE.sub("", line))
+    return line.strip()
+
+
+def detect_non_numeric_answers(answers: list[str], max_share: float = 0.1) -> dict:
+    """Fails when more than 10% of arithmetic answers are not integers (an untrained model
+    emits anything; a trained one, right or wrong, emits numbers). Takes completions or
+    ArithmeticTask.sample_lines() lines."""
+    got = [answer_of(a) for a in answers]
+    bad = [a for a in got if not re.fullmatch(r"-?\d+", a)]
+    share = len(bad) / len(got) if got else 0.0
+    return result("non_numeric_answers", share <= max_share,
+                  {"answers": len(got), "non_numeric_share": share, "max_share": max_share, "examples": bad[:5]})
+
+
+def run_detectors(history: list[dict], vocab_size: int, warmup_steps: int = 0, samples: list[str] | None = None,
+                  known_words: set[str] | None = None, arithmetic_answers: list[str] | None = None,
+                  model: nn.Module | None = None, batch=None, **learning_kwargs) -> list[dict]:
+    """Every detector that the given inputs allow (learning ones always; the others when their
+    inputs are given)."""
+    out = [detect_not_learning(history, vocab_size, warmup_steps, **learning_kwargs),
+           detect_loss_stuck(history, warmup_steps),
+           detect_non_finite(history, model, batch)]
+    if samples:
+        out.append(detect_repetitive_samples(samples))
+        if known_words:
+            out.append(detect_gibberish_samples(samples, known_words))
+    if arithmetic_answers:
+        out.append(detect_non_numeric_answers(arithmetic_answers))
+    return out

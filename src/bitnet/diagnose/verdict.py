@@ -1,0 +1,132 @@
+"""The twin comparison and the verdict: OK / BROKEN / INCONCLUSIVE with the evidence."""
+import json
+import os
+
+from ..trainer import write_json_atomic
+from .detectors import _finite
+
+def first_step_below(history: list[dict], level: float, key: str = "val_loss") -> int | None:
+    return next((h["step"] for h in history if _finite(h.get(key)) and h[key] <= level), None)
+
+
+def compare_twins(ternary: list[dict], twin: list[dict], milestones: dict[str, float],
+                  metric_keys: list[str] = ()) -> tuple[str, dict]:
+    """Side by side: final val loss (and task metrics), the gap in nats, and the first evaluated
+    step at which each run's val_loss reached each milestone. Returns (printable table, data)."""
+    t, f = ternary[-1], twin[-1]
+    data = {"ternary_val_loss": t["val_loss"], "twin_val_loss": f["val_loss"],
+            "gap_nats": t["val_loss"] - f["val_loss"], "milestones": {}, "metrics": {}}
+    rows = [f"{'':34s}{'ternary':>12s}{'fp twin':>12s}",
+            f"{'final val loss (step ' + str(t['step']) + ')':34s}{t['val_loss']:12.4f}{f['val_loss']:12.4f}"]
+    for key in metric_keys:
+        if key in t and key in f:
+            data["metrics"][key] = {"ternary": t[key], "twin": f[key]}
+            rows.append(f"{key:34s}{t[key]:12.4f}{f[key]:12.4f}")
+    for label, level in milestones.items():
+        st, sf = first_step_below(ternary, level), first_step_below(twin, level)
+        data["milestones"][label] = {"level": level, "ternary_step": st, "twin_step": sf}
+        rows.append(f"{'steps to val loss <= ' + label:34s}{str(st if st is not None else '-'):>12s}"
+                    f"{str(sf if sf is not None else '-'):>12s}")
+    rows.append(f"gap (ternary - twin): {data['gap_nats']:+.4f} nats")
+    return "\n".join(rows), data
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict
+
+NON_FINITE = "non_finite"
+
+
+def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict | None = None,
+                 detectors: list[dict] = ()) -> dict:
+    """OK / BROKEN / INCONCLUSIVE, conservatively, in this order:
+
+    1. Any probe fails                              -> BROKEN; suspected_bugs = the probes' suspects.
+    2. The ternary run counts as learning when learning_summary() says it learns and its
+       non_finite detector passed (a run that hit NaN/Inf did not finish).
+    3. With a twin (the same config with quant="none", same data order and seed):
+         twin learns, ternary does not              -> BROKEN; failed_checks name the ternary's
+                                                       failed detectors; no bug can be named
+         ternary learns (twin or not)               -> OK (a twin that did not learn is a warning)
+         neither learns                             -> INCONCLUSIVE: a data, pipeline or
+                                                       hyper-parameter problem, not BitNet's
+    4. Without a twin: ternary learns -> OK, otherwise INCONCLUSIVE (nothing separates a broken
+       stack from a hard task).
+    Detectors that fail on a run judged OK are listed under evidence["warnings"].
+
+    `ternary_summary` and `twin_summary` come from learning_summary(); `probes` from
+    run_probes(); `detectors` (the ternary run's) from run_detectors() or the detect_* functions.
+    """
+    failed_probes = [p for p in probes if not p["passed"]]
+    failed_detectors = [d for d in detectors if not d["passed"]]
+    non_finite = any(d["name"] == NON_FINITE for d in failed_detectors)
+    ternary_learns = bool(ternary_summary.get("learns")) and not non_finite
+    twin_learns = None if twin_summary is None else bool(twin_summary.get("learns"))
+    evidence = {"probes": {p["name"]: p["passed"] for p in probes},
+                "detectors": {d["name"]: d["passed"] for d in detectors},
+                "ternary": ternary_summary, "twin": twin_summary, "ternary_learns": ternary_learns,
+                "twin_learns": twin_learns}
+    failed_checks, suspected, warnings = [], [], []
+
+    if failed_probes:
+        verdict = "BROKEN"
+        failed_checks = [p["name"] for p in failed_probes] + [d["name"] for d in failed_detectors]
+        suspected = list(dict.fromkeys(p["suspected_bug"] for p in failed_probes if p["suspected_bug"]))
+        evidence["failed_probes"] = {p["name"]: p["evidence"] for p in failed_probes}
+        reason = "probe(s) failed on the model instance: " + ", ".join(p["name"] for p in failed_probes)
+    elif ternary_learns:
+        verdict = "OK"
+        warnings = [d["name"] for d in failed_detectors]
+        if twin_learns is False:
+            warnings.append("twin_not_learning")
+        reason = "all probes pass and the ternary model learns" + ("" if twin_summary is None else
+                                                                  " (twin learns)" if twin_learns else " (twin did not)")
+    elif twin_learns:
+        verdict = "BROKEN"
+        failed_checks = ["ternary_not_learning_while_twin_learns"] + [d["name"] for d in failed_detectors]
+        reason = "the full-precision twin learns with the same config and data, the ternary model does not"
+    else:
+        verdict = "INCONCLUSIVE"
+        failed_checks = [d["name"] for d in failed_detectors]
+        reason = ("neither the ternary model nor its twin learns: a data, pipeline or hyper-parameter problem, not BitNet"
+                  if twin_summary is not None else
+                  "the ternary model does not learn and there is no twin to tell a broken stack from a hard task")
+    if failed_detectors:
+        evidence["failed_detectors"] = {d["name"]: d["evidence"] for d in failed_detectors}
+    evidence["warnings"] = warnings
+    evidence["reason"] = reason
+    return {"verdict": verdict, "failed_checks": failed_checks, "suspected_bugs": suspected, "evidence": evidence}
+
+
+def write_verdict(out_dir: str, verdict: dict) -> str:
+    """OUT_DIR/verdict.json, written to a temporary file and renamed (never half a file)."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "verdict.json")
+    write_json_atomic(path, verdict, default=str)
+    return path
+
+
+VERDICT_LINES = {"OK": "INFRASTRUCTURE OK", "BROKEN": "INFRASTRUCTURE BROKEN", "INCONCLUSIVE": "INCONCLUSIVE"}
+
+
+def format_verdict(verdict: dict) -> str:
+    lines = [f"verdict: {VERDICT_LINES[verdict['verdict']]}  ({verdict['evidence']['reason']})"]
+    if verdict["failed_checks"]:
+        lines.append("  failed checks: " + ", ".join(verdict["failed_checks"]))
+    if verdict["suspected_bugs"]:
+        lines.append("  suspected bugs: " + ", ".join(verdict["suspected_bugs"]))
+    if verdict["evidence"].get("warnings"):
+        lines.append("  warnings: " + ", ".join(verdict["evidence"]["warnings"]))
+    return "\n".join(lines)
+
+
+def format_results(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        status = "pass" if r["passed"] else "FAIL" + (f" (suspect {r['suspected_bug']})" if r["suspected_bug"] else "")
+        if r["passed"] and r["evidence"].get("layers_checked") == 0:
+            status = "n/a (no BitLinear layers)"
+        lines.append(f"  {r['name']:<24} {status}")
+        if not r["passed"]:
+            lines.append(f"      {json.dumps(r['evidence'], default=str)[:400]}")
+    return "\n".join(lines)
