@@ -12,8 +12,8 @@ import torch
 from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic, BitNetConfigTiny
 from bitnet.data_arithmetic import ArithmeticTask, CharTokenizer
 from conftest import assert_dicts_close
-from bitnet.trainer import (TrainingError, load_checkpoint, lr_and_wd, model_from_checkpoint, pick_device,
-                            save_atomic, train)
+from bitnet.trainer import (NonFiniteLoss, TrainingError, load_checkpoint, lr_and_wd, model_from_checkpoint,
+                            pick_device, save_checkpoint, train)
 
 TOK = CharTokenizer()
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
@@ -179,21 +179,25 @@ def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(arith_cfg, tmp_
 
 
 # ---------------------------------------------------------------- checkpoint files
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+def test_checkpoint_write_is_atomic_and_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    save_atomic({"model": {}, "config": {}, "step": 1}, path)
-    assert no_temp_files(tmp_path)
+    save_checkpoint({"model": {}, "config": {}, "step": 1}, path)
+    assert no_temp_files(tmp_path) and not (tmp_path / "ckpt.prev.pt").exists()
+    save_checkpoint({"model": {}, "config": {}, "step": 2}, path)
+    assert load_checkpoint(path)["step"] == 2 and load_checkpoint(str(tmp_path / "ckpt.prev.pt"))["step"] == 1
+    before = {n: (tmp_path / n).read_bytes() for n in ("ckpt.pt", "ckpt.prev.pt")}
 
-    def broken_save(obj, f, *args, **kwargs):  # dies half-way through writing
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a file")
-        raise OSError("disk full")
+    def broken_save(obj, f, *args, **kwargs):  # dies half-way through writing: the disk is full
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        save_atomic({"model": {}, "config": {}, "step": 2}, path)
+    with pytest.raises(TrainingError) as e:
+        save_checkpoint({"model": {}, "config": {}, "step": 3}, path)
     monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
+    assert "No space left on device" in str(e.value) and "\n" not in str(e.value)
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before  # both checkpoints intact
+    assert no_temp_files(tmp_path)
 
 
 def test_bad_or_missing_checkpoint_is_a_one_line_error(tmp_path):
@@ -219,10 +223,10 @@ def test_bad_or_missing_checkpoint_is_a_one_line_error(tmp_path):
 # ---------------------------------------------------------------- failures
 def test_non_finite_loss_stops_with_a_training_error(arith_cfg, tmp_path):
     cfg = arith_cfg(learning_rate=1e6, warmup_steps=1, max_steps=30, eval_interval=100, eval_problems=4)
-    with pytest.raises(TrainingError) as e:
+    with pytest.raises(NonFiniteLoss) as e:
         train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", quiet=True)
     msg = str(e.value)
-    assert "\n" not in msg and "learning_rate" in msg and ("nan" in msg or "inf" in msg)
+    assert "\n" not in msg and "learning_rate" in msg and ("nan" in msg or "inf" in msg) and e.value.exit_code == 3
     errors = [m for m in read_metrics(tmp_path) if m["kind"] == "error"]
     assert len(errors) == 1 and errors[0]["step"] < cfg.max_steps
 
@@ -242,7 +246,7 @@ def test_non_finite_loss_is_caught_at_any_step(arith_cfg, tmp_path, monkeypatch)
 
     cfg = arith_cfg(operators="*", heldout_fraction=0.0, max_steps=20, eval_interval=100, eval_problems=4)
     monkeypatch.setattr(bitnet.model.F, "cross_entropy", poisoned)
-    with pytest.raises(TrainingError, match="at step 5"):
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 5"):
         train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", quiet=True)
 
 
@@ -375,7 +379,7 @@ def test_time_budget_run_stops_in_time_and_records_its_plan(arith_cfg, tmp_path)
     assert 20 < result["max_steps"] < 100_000 and result["final"]["step"] <= result["max_steps"]
     assert took < 6.0 + 10.0, f"a 6 s budget took {took:.0f} s"  # generous: the machine is shared
     ckpt = load_checkpoint(str(tmp_path))
-    assert ckpt["step"] == result["final"]["step"] and ckpt["planned_max_steps"] == result["max_steps"]
+    assert ckpt["step"] == result["final"]["step"] and ckpt["train_state"]["planned_max_steps"] == result["max_steps"]
 
 
 def test_stop_when_solved_stops_at_the_first_solved_evaluation(arith_cfg, tmp_path):

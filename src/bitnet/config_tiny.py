@@ -47,6 +47,7 @@ class BitNetConfig:
     # max_steps (and so the schedule) to fill the budget, so a faster machine trains longer.
     time_budget_s: float = 0.0
     stop_when_solved: bool = False  # stop at the first evaluation where the task says solved()
+    checkpoint_interval_s: float = 60.0  # save at least this often (seconds), besides at every evaluation
     seed: int = 1337
 
     @property

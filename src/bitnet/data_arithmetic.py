@@ -221,6 +221,10 @@ class ArithmeticTask:
         self.domain = ArithmeticDomain.from_config(cfg)
         if cfg.vocab_size != self.tok.vocab_size:
             raise ValueError(f"vocab_size must be {self.tok.vocab_size} for arithmetic, got {cfg.vocab_size}")
+        if self.domain.max_length() > cfg.max_position_embeddings:
+            raise ValueError(f"max_position_embeddings {cfg.max_position_embeddings} is shorter than the longest problem "
+                             f"({self.domain.max_length()} tokens); pass --set max_position_embeddings={self.domain.max_length()} "
+                             f"or smaller operand ranges")
 
     def identity(self) -> dict:
         return {"task": self.name, "tokenizer": self.tok.identity}
