@@ -18,8 +18,18 @@ import torch.nn.functional as F
 LAYER_BUGS = ("no_ste", "no_rescale", "per_tensor_act", "quantize_output", "binary_weights", "wrong_scale")
 
 
+def absmean_ternary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s): q = round(W*s).clamp(-1, 1) in {-1, 0, +1} and s = 1/mean|W|; W_q = q / s.
+    The split of weight_quant that packing.py stores (q in 2 bits, 1/s as the scale)."""
+    scale = 1.0 / w.abs().mean().clamp(min=1e-5)
+    return (w * scale).round().clamp(-1, 1), scale
+
+
 def weight_quant(w: torch.Tensor, bug: str | None = None) -> torch.Tensor:
     """Ternary absmean quantization, returned dequantized: values in {-1, 0, +1} / s."""
+    if bug is None:
+        q, scale = absmean_ternary(w)
+        return q / scale
     mean_abs = w.abs().mean().clamp(min=1e-5)
     scale = mean_abs if bug == "wrong_scale" else 1.0 / mean_abs  # BUG wrong_scale: mean|W| used as s
     if bug == "binary_weights":  # BUG: sign() is binary, not ternary
