@@ -186,6 +186,13 @@ def test_tinystories_tokenizer_exports_with_its_leading_endoftext(hf, tmp_path):
     # the folder comes back with the training tokenizer (no doubled <|endoftext|>)
     back = ex.load_hf_bitnet_dir(out)
     assert back["task"] == identity and codec_for(back["task"]).encode("a cat") == codec.encode("a cat")
+    # without our sidecar it is a plain text model whose tokenizer.json adds the <|endoftext|> itself
+    os.remove(os.path.join(out, ex.SIDECAR))
+    foreign = ex.load_hf_bitnet_dir(out)
+    assert foreign["task"]["task"] == "text" and foreign["task"]["eos_token_id"] == bpe.token_to_id(EOT)
+    text_codec = codec_for(foreign["task"])
+    assert text_codec.encode("Once upon a cat") == codec.encode("Once upon a cat")
+    assert text_codec.decode(codec.encode("the dog ran")) == "the dog ran"
 
 
 # ---------------------------------------------------------------- folders made elsewhere
@@ -195,7 +202,7 @@ def test_a_folder_without_our_sidecar_loads_from_its_config(hf, no_compile, tmp_
     out = ex.export(save_run(ours, tmp_path / "run"), str(tmp_path / "hf"), packed=packed, linear_class=linear_class)
     os.remove(os.path.join(out, ex.SIDECAR))  # as if written by someone else's tooling
     ckpt = ex.load_any_checkpoint(out)
-    assert ckpt["task"]["task"] == "text" and ckpt["task"]["eos_token_id"] == TOK.newline_id
+    assert ckpt["task"] == {"task": "arithmetic", "tokenizer": TOK.identity}  # recognised by its vocabulary
     assert (ckpt["packed"] is not None) == packed
     model = ex.model_from_checkpoint(ckpt)
     assert model.config.tie_word_embeddings and model.config.quant == "ternary"

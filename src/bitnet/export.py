@@ -231,7 +231,14 @@ def text_identity(path: str, hf: dict) -> dict:
     eos = (_read_json(gen) if os.path.isfile(gen) else {}).get("eos_token_id", hf.get("eos_token_id"))
     eos = eos[0] if isinstance(eos, list) else eos
     with open(tok_path, encoding="utf-8") as f:
-        return {"task": "text", "tokenizer": f.read(), "eos_token_id": eos}
+        text = f.read()
+    from tokenizers import Tokenizer
+
+    from .data_arithmetic import CharTokenizer
+    chars = CharTokenizer()
+    if Tokenizer.from_str(text).get_vocab() == chars.stoi:  # our character vocabulary: the arithmetic task
+        return {"task": "arithmetic", "tokenizer": chars.identity}
+    return {"task": "text", "tokenizer": text, "eos_token_id": eos}
 
 
 def load_hf_bitnet_dir(path: str) -> dict:
