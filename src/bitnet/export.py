@@ -22,12 +22,12 @@ import argparse
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 from .cli import run_main
-from .model import BitNetForCausalLM, BitNetRotaryEmbedding
+from .model import BitNetDecoderLayer, BitNetForCausalLM
 from .packing import pack_model, pack_ternary, unpacked_state_dict
 from .trainer import TrainingError, load_checkpoint, model_from_checkpoint, write_json_atomic
 
@@ -241,43 +241,41 @@ def text_identity(path: str, hf: dict) -> dict:
     return {"task": "text", "tokenizer": text, "eos_token_id": eos}
 
 
-def load_hf_bitnet_dir(path: str) -> dict:
+def load_hf_bitnet_dir(path: str, latent: bool = True) -> dict:
     """A transformers BitNet folder as a checkpoint-like dict for model_from_checkpoint():
     {"model": latent-style state dict, "config", "config_class", "task", "step", "history"},
     plus "packed": the 2-bit state dict (weight_scale = mean|W|) when the folder holds one.
 
     Packed or offline weights have no latent; "model" then holds a latent whose BitLinear
-    quantization reproduces them exactly (packing.latent_from_ternary), so the probes run."""
-    from . import config_tiny
-
+    quantization reproduces them exactly (packing.latent_from_ternary), so the probes run;
+    latent=False leaves it out (None), for code that runs on the 2 bits and wants no fp32 copy."""
     hf = _read_json(os.path.join(path, "config.json"))
     side_path = os.path.join(path, SIDECAR)
     side = _read_json(side_path) if os.path.isfile(side_path) else {}
     if side:
-        cls = getattr(config_tiny, side.get("config_class", "BitNetConfig"), config_tiny.BitNetConfig)
-        cfg = cls(**side["config"])
+        cfg = config_of(side)
     else:
         cfg = our_config_from_hf(hf)
     state = {k: v.float() if v.is_floating_point() else v for k, v in _read_weights(path).items()}
     if cfg.tie_word_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    with torch.device("meta"):  # names and shapes only, no memory
-        skeleton = BitNetForCausalLM(cfg)
-    out_features = {n: m.out_features for n, m in skeleton.named_modules()
-                    if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     qc = hf.get("quantization_config") or {}
     packed = None
     if qc.get("quantization_mode") == "offline":
-        for layer, rows in out_features.items():
+        # transformers' packed layers hold out_features/4 byte rows: the scales name the layers
+        layers = [k[: -len(".weight_scale")] for k in state if k.endswith(".weight_scale")]
+        if not layers:
+            raise TrainingError(f"{path}: quantization_mode offline but no weight_scale tensors")
+        out_features = {}
+        for layer in layers:
             w, key = state[f"{layer}.weight"], f"{layer}.weight_scale"
-            if key not in state:
-                raise TrainingError(f"{path}: offline BitNet weights without {key}")
+            out_features[layer] = w.shape[0] * 4 if w.dtype == torch.uint8 else w.shape[0]
             if qc.get("linear_class", "bitlinear") == "bitlinear":  # BitLinear divides by its scale
                 state[key] = 1.0 / state[key]
             if w.is_floating_point():  # unpacked ternary (AutoBitLinear offline, unpacked on save)
                 state[f"{layer}.weight"] = pack_ternary(w.round().clamp(-1, 1))
-        packed = {k: v for k, v in state.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-        state = unpacked_state_dict(state, out_features)
+        packed = dict(state)
+        state = unpacked_state_dict(state, out_features) if latent else None
     elif qc and qc.get("quantization_mode") != "online":
         raise TrainingError(f"unknown BitNet quantization_mode {qc.get('quantization_mode')!r}")
     return {"model": state, "packed": packed, "config": asdict(cfg), "config_class": type(cfg).__name__,
@@ -285,32 +283,31 @@ def load_hf_bitnet_dir(path: str) -> dict:
             "history": side.get("history", []), "source": "hf"}
 
 
-def load_any_checkpoint(path: str) -> dict:
+def load_any_checkpoint(path: str, latent: bool = True) -> dict:
     """trainer.load_checkpoint for run folders and ckpt.pt; load_hf_bitnet_dir for transformers
     folders (our exports and BitNet folders made elsewhere). The one hook diagnose needs."""
     if is_hf_dir(path):
-        return load_hf_bitnet_dir(path)
+        return load_hf_bitnet_dir(path, latent)
     return load_checkpoint(path)
 
 
-def packed_model_from_checkpoint(ckpt: dict, kernel: str = "unpack", device="cpu") -> BitNetForCausalLM:
-    """A model whose BitLinears are PackedBitLinear holding only 2-bit weights; built on the meta
-    device, so no fp32 copy of the linear weights is ever allocated."""
+def config_of(ckpt: dict):
     from . import config_tiny
+    cls = getattr(config_tiny, ckpt.get("config_class", "BitNetConfig"), config_tiny.BitNetConfig)
+    return cls(**ckpt["config"])
 
+
+def packed_model_from_checkpoint(ckpt: dict, kernel: str = "unpack", device="cpu") -> BitNetForCausalLM:
+    """A model whose BitLinears are PackedBitLinear holding only the 2-bit weights. Decoder layers
+    are built and packed one at a time, so at most one layer's fp32 weights ever exist."""
     if ckpt.get("packed") is None:
         raise ValueError("this checkpoint holds no packed weights; export it with --packed")
-    cls = getattr(config_tiny, ckpt.get("config_class", "BitNetConfig"), config_tiny.BitNetConfig)
-    cfg = cls(**ckpt["config"])
-    with torch.device("meta"):
-        model = pack_model(BitNetForCausalLM(cfg), kernel)
-    state = dict(ckpt["packed"])
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = BitNetRotaryEmbedding(cfg)  # its table is not in the state dict
+    cfg = config_of(ckpt)
+    model = BitNetForCausalLM(replace(cfg, num_hidden_layers=0))
+    model.config = cfg
+    for _ in range(cfg.num_hidden_layers):
+        model.model.layers.append(pack_model(BitNetDecoderLayer(cfg), kernel, empty=True))
+    model.load_state_dict(ckpt["packed"])
     return model.to(device).eval()
 
 

