@@ -9,7 +9,7 @@ One model, four ways to run it, each in a fresh subprocess (so peak RSS is that 
   packed unpack      the --packed export on PackedBitLinear: 2-bit weights unpacked to float per call
   packed int8        the same bytes, unpacked to int8 per call, int8 x int8 -> int32 (torch._int_mm)
 Peak RSS is resource.getrusage(RUSAGE_SELF).ru_maxrss, read after the imports, after loading, and
-after generating. Tokens/s: greedy generate (batch 1, no stop token) of --tokens tokens from a
+after generating; the parent imports no torch, since a child's ru_maxrss starts at its parent's. Tokens/s: greedy generate (batch 1, no stop token) of --tokens tokens from a
 16-token prompt; median of --reps, after one warm-up call.
 """
 import argparse
@@ -87,12 +87,32 @@ def make_synthetic_run(shape: str, run_dir: str) -> str:
     return run_dir
 
 
+def prepare(checkpoint: str | None, shape: str | None, out: str) -> dict:
+    """The exports and their sizes (run in a subprocess of its own, like the measurements)."""
+    from bitnet.export import WEIGHTS, export
+    from bitnet.trainer import CKPT_NAME, load_checkpoint, model_from_checkpoint
+    run = checkpoint or make_synthetic_run(shape, os.path.join(out, "run"))
+    folders = {"run": run, "online": export(run, os.path.join(out, "online")),
+               "packed": export(run, os.path.join(out, "packed"), packed=True)}
+    model = model_from_checkpoint(load_checkpoint(run))
+    sizes = {"ckpt.pt": os.path.getsize(os.path.join(run, CKPT_NAME)),
+             "online model.safetensors": os.path.getsize(os.path.join(folders["online"], WEIGHTS)),
+             "packed model.safetensors": os.path.getsize(os.path.join(folders["packed"], WEIGHTS)),
+             "linear weights fp32": linear_bytes(model, False), "linear weights packed": linear_bytes(model, True)}
+    return {"model": run, "params": model.num_parameters(), "sizes": sizes, "folders": folders}
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a trained run (OUT_DIR with ckpt.pt)")
     src.add_argument("--shape", help="a preset name: random-init model of its shape, 32-token vocabulary")
     src.add_argument("--child", nargs=2, metavar=("PATH", "KERNEL"), help=argparse.SUPPRESS)
+    p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help="folder for the exports and results.json")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=3)
@@ -103,33 +123,31 @@ def main():
         return
     if not args.out:
         p.error("--out is required")
-    from bitnet.export import WEIGHTS, export
-    from bitnet.trainer import CKPT_NAME, load_checkpoint, model_from_checkpoint
-    run = args.checkpoint or make_synthetic_run(args.shape, os.path.join(args.out, "run"))
-    folders = {"run": run, "online": export(run, os.path.join(args.out, "online")),
-               "packed": export(run, os.path.join(args.out, "packed"), packed=True)}
-    model = model_from_checkpoint(load_checkpoint(run))
-    sizes = {"ckpt.pt": os.path.getsize(os.path.join(run, CKPT_NAME)),
-             "online model.safetensors": os.path.getsize(os.path.join(folders["online"], WEIGHTS)),
-             "packed model.safetensors": os.path.getsize(os.path.join(folders["packed"], WEIGHTS)),
-             "linear weights fp32": linear_bytes(model, False), "linear weights packed": linear_bytes(model, True)}
-    results = {"model": run, "params": model.num_parameters(), "sizes": sizes, "variants": {}}
+    if args.prepare:
+        print(json.dumps(prepare(args.checkpoint, args.shape, args.out)))
+        return
+    # This process imports no torch: a child's ru_maxrss starts from its parent's peak at fork.
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")}
-    for name, (folder, kernel) in VARIANTS.items():
-        cmd = [sys.executable, __file__, "--child", folders[folder], kernel, "--tokens", str(args.tokens),
-               "--reps", str(args.reps), "--threads", str(args.threads)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-        results["variants"][name] = json.loads(r.stdout.strip().splitlines()[-1])
-    same = {name: v["tokens"] == results["variants"]["latent ckpt.pt"]["tokens"] for name, v in results["variants"].items()}
-    print(f"model {run}: {results['params'] / 1e6:.2f}M parameters")
+
+    def run(*extra) -> dict:
+        r = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True, env=env, check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    source = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--shape", args.shape]
+    results = run(*source, "--out", args.out, "--prepare")
+    results["variants"] = {name: run("--child", results["folders"][folder], kernel, "--tokens", str(args.tokens),
+                                     "--reps", str(args.reps), "--threads", str(args.threads))
+                           for name, (folder, kernel) in VARIANTS.items()}
+    sizes, base = results["sizes"], results["variants"]["latent ckpt.pt"]["tokens"]
+    print(f"model {results['model']}: {results['params'] / 1e6:.2f}M parameters")
     for k, v in sizes.items():
         print(f"  {k:26s} {v / 1e6:9.3f} MB")
     print(f"  linear weights packed / fp32 = 1/{sizes['linear weights fp32'] / sizes['linear weights packed']:.1f}")
-    print("| variant | peak RSS after imports / load / generate (MB) | load s | tokens/s | same tokens |")
+    print("| variant | peak RSS after imports / load / generate (MB) | load s | tokens/s | tokens equal to latent |")
     print("|---|---|---|---|---|")
     for name, v in results["variants"].items():
         print(f"| {name} | {v['rss_imports_mb']:.0f} / {v['rss_loaded_mb']:.0f} / {v['rss_peak_mb']:.0f} | "
-              f"{v['load_s']:.2f} | {v['tokens_per_s']:.1f} | {'yes' if same[name] else 'NO'} |")
+              f"{v['load_s']:.2f} | {v['tokens_per_s']:.1f} | {same_prefix(v['tokens'], base)}/{len(base)} |")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
 
