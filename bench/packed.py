@@ -37,6 +37,7 @@ def peak_rss_mb() -> float:
 
 
 def child(path: str, kernel: str, tokens: int, reps: int, threads: int) -> dict:
+    """Peak RSS of one variant in this fresh process: after imports, after loading, after generating."""
     import torch
     torch.set_num_threads(threads)
     from bitnet.generate import load_for_inference
@@ -45,15 +46,34 @@ def child(path: str, kernel: str, tokens: int, reps: int, threads: int) -> dict:
     model, _, _ = load_for_inference(path, "cpu", kernel)
     load_s = time.perf_counter() - t0
     after_load = peak_rss_mb()
-    prompt = torch.randint(4, min(32, model.config.vocab_size), (1, 16), generator=torch.Generator().manual_seed(0))
-    out = model.generate(prompt, 4)  # warm-up
-    speeds = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = model.generate(prompt, tokens)
-        speeds.append(tokens / (time.perf_counter() - t0))
+    out = model.generate(prompt_for(model), tokens)
     return {"rss_imports_mb": after_imports, "rss_loaded_mb": after_load, "rss_peak_mb": peak_rss_mb(),
-            "load_s": load_s, "tokens_per_s": statistics.median(speeds), "tokens": out[0, 16:].tolist()}
+            "load_s": load_s, "tokens": out[0, 16:].tolist()}
+
+
+def prompt_for(model):
+    import torch
+    return torch.randint(4, min(32, model.config.vocab_size), (1, 16), generator=torch.Generator().manual_seed(0))
+
+
+def speed(folders: dict, tokens: int, reps: int, threads: int) -> dict:
+    """Tokens/s of every variant, timed back to back in each repetition (one process), so a
+    shared machine slows all of them alike; medians over the repetitions."""
+    import torch
+    torch.set_num_threads(threads)
+    from bitnet.generate import load_for_inference
+    models = {name: load_for_inference(folders[folder], "cpu", kernel)[0] for name, (folder, kernel) in VARIANTS.items()}
+    times = {name: [] for name in models}
+    for name, model in models.items():
+        model.generate(prompt_for(model), 4)  # warm-up
+    for _ in range(reps):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model.generate(prompt_for(model), tokens)
+            times[name].append(time.perf_counter() - t0)
+    base = times["latent ckpt.pt"]
+    return {name: {"tokens_per_s": tokens / statistics.median(t),
+                   "speedup_vs_latent": statistics.median(b / x for b, x in zip(base, t))} for name, t in times.items()}
 
 
 def linear_bytes(model, packed: bool) -> int:
@@ -112,6 +132,7 @@ def main():
     src.add_argument("--checkpoint", help="a trained run (OUT_DIR with ckpt.pt)")
     src.add_argument("--shape", help="a preset name: random-init model of its shape, 32-token vocabulary")
     src.add_argument("--child", nargs=2, metavar=("PATH", "KERNEL"), help=argparse.SUPPRESS)
+    src.add_argument("--speed", metavar="FOLDERS_JSON", help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help="folder for the exports and results.json")
     p.add_argument("--tokens", type=int, default=64)
@@ -120,6 +141,9 @@ def main():
     args = p.parse_args()
     if args.child:
         print(json.dumps(child(*args.child, args.tokens, args.reps, args.threads)))
+        return
+    if args.speed:
+        print(json.dumps(speed(json.loads(args.speed), args.tokens, args.reps, args.threads)))
         return
     if not args.out:
         p.error("--out is required")
@@ -135,19 +159,24 @@ def main():
 
     source = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--shape", args.shape]
     results = run(*source, "--out", args.out, "--prepare")
-    results["variants"] = {name: run("--child", results["folders"][folder], kernel, "--tokens", str(args.tokens),
-                                     "--reps", str(args.reps), "--threads", str(args.threads))
+    common = ["--tokens", str(args.tokens), "--reps", str(args.reps), "--threads", str(args.threads)]
+    results["variants"] = {name: run("--child", results["folders"][folder], kernel, *common)
                            for name, (folder, kernel) in VARIANTS.items()}
+    for name, v in run("--speed", json.dumps(results["folders"]), *common).items():
+        results["variants"][name].update(v)
+    results["load_average"] = os.getloadavg()
     sizes, base = results["sizes"], results["variants"]["latent ckpt.pt"]["tokens"]
     print(f"model {results['model']}: {results['params'] / 1e6:.2f}M parameters")
     for k, v in sizes.items():
         print(f"  {k:26s} {v / 1e6:9.3f} MB")
     print(f"  linear weights packed / fp32 = 1/{sizes['linear weights fp32'] / sizes['linear weights packed']:.1f}")
-    print("| variant | peak RSS after imports / load / generate (MB) | load s | tokens/s | tokens equal to latent |")
-    print("|---|---|---|---|---|")
+    print(f"load average during the run: {' '.join(f'{x:.1f}' for x in results['load_average'])}")
+    print("| variant | peak RSS after imports / load / generate (MB) | load s | tokens/s | speed vs latent | tokens equal to latent |")
+    print("|---|---|---|---|---|---|")
     for name, v in results["variants"].items():
         print(f"| {name} | {v['rss_imports_mb']:.0f} / {v['rss_loaded_mb']:.0f} / {v['rss_peak_mb']:.0f} | "
-              f"{v['load_s']:.2f} | {v['tokens_per_s']:.1f} | {same_prefix(v['tokens'], base)}/{len(base)} |")
+              f"{v['load_s']:.2f} | {v['tokens_per_s']:.1f} | {v['speedup_vs_latent']:.2f}x | "
+              f"{same_prefix(v['tokens'], base)}/{len(base)} |")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
 

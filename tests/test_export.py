@@ -36,7 +36,7 @@ def ternary(shape, seed):
 def arith_model(tie=False, quant="ternary"):
     cfg = BitNetConfigArithmetic(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, max_position_embeddings=24, dtype="fp32",
-                                 tie_word_embeddings=tie, quant=quant)
+                                 tie_word_embeddings=tie, quant=quant, rope_theta=5000.0)  # not a default
     return randomize(BitNetForCausalLM(cfg)).eval()
 
 
@@ -98,6 +98,8 @@ def test_export_loads_in_transformers_with_matching_logits_and_generations(hf, n
     out = ex.export(save_run(ours, tmp_path / "run"), str(tmp_path / "hf"), packed=packed, linear_class=linear_class)
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "tokenizer_config.json", ex.SIDECAR} <= set(os.listdir(out))
+    written = json.load(open(os.path.join(out, "config.json")))
+    assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == ours.config.rope_theta
     theirs = hf.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(theirs).__name__ == "BitNetForCausalLM"
     layer = theirs.model.layers[1].mlp.down_proj

@@ -158,6 +158,10 @@ def export(checkpoint: str, out_dir: str, packed: bool = False, linear_class: st
         ids = save_task_tokenizer(ckpt.get("task") or {}, tmp)
         qcfg = quantization_config(cfg.quant, packed, linear_class)
         hf_config(cfg, ids, qcfg).save_pretrained(tmp)
+        config_path = os.path.join(tmp, "config.json")
+        hf = _read_json(config_path)
+        hf["rope_theta"] = cfg.rope_theta  # transformers 5 reads rope_parameters; bitnet.cpp's converter this key
+        write_json_atomic(config_path, hf)
         GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["stop"], pad_token_id=ids["pad"],
                          do_sample=False, max_new_tokens=ids["max_new_tokens"]).save_pretrained(tmp)
         save_file(export_state_dict(model, packed, linear_class), os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
