@@ -20,6 +20,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed, plan
 from .config_tiny import BitNetConfig
 from .model import BitNetForCausalLM
 
@@ -160,10 +161,13 @@ def evaluate_and_log(model, task, device, step, cfg, log_fn, amp) -> dict:
 def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: bool = False,
           on_eval=None, quiet: bool = False) -> dict:
     """Train a model on `task` and return a summary. `on_eval(model, step) -> dict` adds metrics."""
-    dev = pick_device(device)
+    ctx = distributed.setup(pick_device(device))  # one process, or this one's place in a torchrun job
+    dev = ctx.device
+    distributed.micro_batch_rows(cfg, ctx.world_size)  # a global batch that does not split: say so before any work
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CKPT_NAME)
     metrics_path = os.path.join(out_dir, METRICS_NAME)
+    quiet = quiet or not ctx.is_main  # only rank 0 logs
     log = (lambda s: None) if quiet else (lambda s: tqdm.write(s, file=sys.stdout))
 
     torch.manual_seed(cfg.seed)
@@ -180,7 +184,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             raise TrainingError(f"--resume: {ckpt_path} was trained with a different task/tokenizer (differs in {diff}); "
                                 f"use a new --out-dir or the original data and tokenizer")
         saved = dict(ckpt["config"])
-        for k in ("max_steps", "eval_interval"):  # the only fields a resume may change
+        for k in ("max_steps", "eval_interval", "grad_accum_steps", "peak_tflops"):  # the only fields a resume may change
             saved[k] = getattr(cfg, k)
         if saved != asdict(cfg):
             diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
@@ -189,30 +193,40 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng_state"])
         step, history = ckpt["step"], ckpt.get("history", [])
-        if os.path.exists(metrics_path):  # forget what was logged after the checkpoint
+        distributed.restore_task_state(task, ckpt.get("task_state"), ctx)
+        if ctx.is_main and os.path.exists(metrics_path):  # forget what was logged after the checkpoint
             with open(metrics_path) as f:
                 keep = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
             write_lines_atomic(metrics_path, keep)
         log(f"resumed from {ckpt_path} at step {step}")
-    elif os.path.exists(metrics_path):
+    elif ctx.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
     amp = autocast_for(dev, cfg.dtype)
     # The compiled module shares the model's parameters; evaluation and generation use the plain
     # model, whose shapes vary (compiling those would recompile again and again).
-    train_model = torch.compile(model) if cfg.compile else model
+    ddp_model = distributed.wrap(model, ctx)  # the model itself for one process
+    train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     n_params = model.num_parameters()
+    flops_per_token, peak_flops = plan.flops_per_token(model), plan.peak_flops(cfg, dev)
     log(f"model: {n_params / 1e6:.2f}M parameters ({cfg.quant}), {type(cfg).__name__}, device {dev}, "
-        f"{'bf16 autocast' if isinstance(amp, torch.autocast) else 'fp32'}, {torch.get_num_threads()} threads")
+        f"{'bf16 autocast' if isinstance(amp, torch.autocast) else 'fp32'}, {torch.get_num_threads()} threads"
+        + (f", {ctx.world_size} processes" if ctx.world_size > 1 else "")
+        + (f", {cfg.grad_accum_steps} micro-batches per step" if cfg.grad_accum_steps > 1 else ""))
 
     def record(entry: dict):
+        if not ctx.is_main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
     def checkpoint():
+        task_state = distributed.gather_task_state(task, ctx)  # a collective: every process comes here
+        if not ctx.is_main:
+            return
         save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                      "config": asdict(cfg), "config_class": type(cfg).__name__, "task": task.identity(),
-                     "rng_state": torch.get_rng_state(), "history": history}, ckpt_path)
+                     "rng_state": torch.get_rng_state(), "history": history, "task_state": task_state}, ckpt_path)
 
     def run_eval():
         m = evaluate_and_log(model, task, dev, step, cfg, log, amp)
@@ -236,18 +250,24 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         for group in opt.param_groups:
             group["lr"] = lr
             group["weight_decay"] = wd if group["decay"] else 0.0
-        x, y = task.get_batch(step, cfg.batch_size)
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with amp:
-            try:
-                _, loss = train_model(x, y)
-            except Exception as e:  # noqa: BLE001 - torch.compile needs a C++ compiler on CPU; without one, go eager
-                if train_model is model:
-                    raise
-                log(f"torch.compile failed ({type(e).__name__}); training without it")
-                train_model = model
-                _, loss = model(x, y)
-        loss_val = loss.item()
+        opt.zero_grad(set_to_none=True)
+        micro = distributed.micro_batches(task, step, cfg, ctx)
+        loss_sum = torch.zeros((), device=dev)
+        for i, (x, y, share) in enumerate(micro):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with distributed.grad_sync(ddp_model, sync=i == len(micro) - 1):
+                with amp:
+                    try:
+                        _, loss = train_model(x, y)
+                    except Exception as e:  # noqa: BLE001 - torch.compile needs a C++ compiler on CPU; without one, go eager
+                        if train_model is ddp_model:
+                            raise
+                        log(f"torch.compile failed ({type(e).__name__}); training without it")
+                        train_model = ddp_model
+                        _, loss = ddp_model(x, y)
+                (loss * (share * ctx.world_size)).backward()  # DDP averages over processes: undo its 1/world_size
+            loss_sum += loss.detach() * share
+        loss_val = distributed.sum_over_ranks(loss_sum, ctx).item()  # the global batch's mean loss
         if not math.isfinite(loss_val):
             bar.close()
             record({"kind": "error", "step": step, "error": "non-finite loss"})
@@ -256,19 +276,19 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
                 + (f"last good checkpoint kept in {out_dir}" if os.path.exists(ckpt_path) else "no checkpoint yet")
                 + "). "
                 f"Lower learning_rate (now {cfg.learning_rate:g}) or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
         step += 1
-        tokens += x.numel()
+        tokens += x.numel() * len(micro) * ctx.world_size  # all processes'
         first_loss = loss_val if first_loss is None else first_loss
         loss_ema = loss_val if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_val
         if step % 10 == 0 or step == cfg.max_steps:
             tps = tokens / max(1e-9, time.time() - t0)
+            mfu = plan.mfu(tps, flops_per_token, peak_flops, ctx.world_size)
             record({"kind": "train", "step": step, "train_loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": tps, "elapsed_s": time.time() - t0})
-            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
+                    "tokens_per_s": tps, "mfu": mfu, "elapsed_s": time.time() - t0})
+            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}",
+                            mfu="n/a" if mfu is None else f"{mfu:.1%}", refresh=False)
         bar.update(1)
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             run_eval()
