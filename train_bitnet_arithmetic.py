@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from bitnet.cli import build_config, choose_preset, common_parser, run_experiment, run_main, set_threads
+from bitnet.cli import build_config, choose_preset, common_parser, dry_run, run_experiment, run_main, set_threads
 from bitnet.data_arithmetic import ArithmeticTask
 
 
@@ -18,6 +18,8 @@ def main():
     choose_preset(args)  # the 5M seed config on a GPU; the small preset on a CPU
     set_threads(args.threads)
     cfg = build_config(args)
+    if dry_run(args, cfg):
+        return
     task = ArithmeticTask(cfg)
 
     def summarize(result):

@@ -3,34 +3,50 @@
     python train_bitnet_tiny.py --out-dir runs/ts --data-dir ../shared/data/tinystories   # tokenizer in runs/ts/tokenizer
     python train_bitnet_tiny.py --out-dir runs/ts-fp --quant none --tokenizer runs/ts/tokenizer --data-dir ...
     python train_bitnet_tiny.py --out-dir runs/ts --tokenizer runs/ts/tokenizer     # stream the data from the hub
+    python train_bitnet_tiny.py --dataset fineweb-edu --preset 200m --out-dir runs/fw --tokenizer runs/fw-tok
+    python train_bitnet_tiny.py --preset 95m --out-dir runs/95m --dry-run   # the plan as one JSON line, nothing built
 
-The 12M seed config ("tiny") on a GPU, the smaller "tiny-cpu" preset otherwise.
+The 12M seed config ("tiny") on a GPU, the smaller "tiny-cpu" preset otherwise. Many GPUs: the
+same command under `torchrun --standalone --nproc_per_node N` (see bitnet/distributed.py).
 """
 import os
 
-from bitnet.cli import build_config, choose_preset, common_parser, run_experiment, run_main, set_threads
+from bitnet import data_fineweb
+from bitnet.cli import build_config, choose_preset, common_parser, dry_run, run_experiment, run_main, set_threads
 from bitnet.data_tinystories import TinyStoriesTask, add_data_args, sources_from_args
 
 
 def main():
     p = common_parser(__doc__.split("\n")[0], gpu_preset="tiny", cpu_preset="tiny-cpu")
+    p.add_argument("--dataset", choices=["tinystories", "fineweb-edu"], default="tinystories",
+                   help="tinystories (local files or the hub), or fineweb-edu (sample-10BT, streamed; for 95m/200m)")
     add_data_args(p)
+    data_fineweb.add_data_args(p)
     p.add_argument("--tokenizer", metavar="DIR", help="folder holding tokenizer.json (default OUT_DIR/tokenizer)")
     p.add_argument("--cache-dir", help="where tokenized data is cached (default OUT_DIR/cache); safe to share")
     args = p.parse_args()
-    if choose_preset(args):
+    if choose_preset(args) and args.dry_run is None:
         print(f"preset {args.preset}: " + ("the 12M seed config on CUDA" if args.preset == "tiny" else
               "no CUDA GPU in use, so the smaller CPU config (about 30 minutes on 2 cores)"))
     set_threads(args.threads)
     cfg = build_config(args)
-    train_source, val_source = sources_from_args(args)
+    if dry_run(args, cfg):
+        return
     tokenizer_dir = args.tokenizer or os.path.join(args.out_dir, "tokenizer")
     cache_dir = args.cache_dir or os.path.join(args.out_dir, "cache")
-    task = TinyStoriesTask(cfg, tokenizer_dir, train_source, val_source, cache_dir)
+    if args.dataset == "fineweb-edu":
+        if args.data_dir or args.train_file or args.val_file:
+            raise ValueError("--data-dir/--train-file/--val-file are TinyStories files; for fineweb-edu use --data-files")
+        task = data_fineweb.FineWebTask(cfg, tokenizer_dir, data_fineweb.source_from_args(args))
+    else:
+        if args.data_files:
+            raise ValueError("--data-files is for --dataset fineweb-edu; TinyStories takes --data-dir or --train-file/--val-file")
+        train_source, val_source = sources_from_args(args)
+        task = TinyStoriesTask(cfg, tokenizer_dir, train_source, val_source, cache_dir)
 
     def summarize(result):
         final = result["final"]
-        return {"experiment": "tinystories", "preset": args.preset, "quant": cfg.quant,
+        return {"experiment": args.dataset, "preset": args.preset, "quant": cfg.quant,
                 "inject_bug": cfg.inject_bug, "n_params": result["n_params"], "steps": final["step"],
                 "elapsed_s": result["elapsed_s"], "tokens_per_s": result["tokens_per_s"],
                 "val_loss": final["val_loss"], "bits_per_byte": final["bits_per_byte"],
@@ -38,7 +54,7 @@ def main():
                 "data": task.sources, "final": final, "stories": task.last_samples}
 
     def report(s):
-        print(f"\n=== tinystories, {s['quant']}, {s['n_params'] / 1e6:.2f}M params, {s['steps']} steps, "
+        print(f"\n=== {s['experiment']}, {s['quant']}, {s['n_params'] / 1e6:.2f}M params, {s['steps']} steps, "
               f"{s['elapsed_s'] / 60:.1f} min, {s['tokens_per_s']:,.0f} tokens/s ===")
         print(task.format_eval(s["final"]))
         print(f"val loss {s['val_loss_start']:.3f} at step 0 -> {s['val_loss']:.4f}; "

@@ -1,7 +1,8 @@
-"""Train the byte-level BPE tokenizer for TinyStories (2,048 tokens by default).
+"""Train the byte-level BPE tokenizer for TinyStories (2,048 tokens by default), or for FineWeb-Edu.
 
     python train_tinystories_tokenizer.py --data-dir ../shared/data/tinystories --out-dir runs/tinystories/tokenizer
     python train_tinystories_tokenizer.py --out-dir runs/tok --max-stories 100000   # streamed from the hub
+    python train_tinystories_tokenizer.py --dataset fineweb-edu --vocab-size 32000 --out-dir runs/fw-tok  # 32K, sample-10BT
 
 Writes OUT_DIR/tokenizer.json and the config that transformers.AutoTokenizer.from_pretrained(OUT_DIR) reads.
 """
@@ -12,6 +13,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from bitnet import data_fineweb
 from bitnet.cli import run_main
 from bitnet.data_tinystories import (add_data_args, iter_stories, read_text_file, save_tokenizer, sources_from_args,
                                      train_bpe)
@@ -22,15 +24,22 @@ def main():
     p.add_argument("--out-dir", required=True, help="folder for tokenizer.json (created if missing)")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokens in all, the 2 special ones included")
     p.add_argument("--max-stories", type=int, default=200_000,
-                   help="train on at most this many training stories (0 = all; bounds the hub stream)")
+                   help="train on at most this many training stories or documents (0 = all; bounds the hub stream)")
+    p.add_argument("--dataset", choices=["tinystories", "fineweb-edu"], default="tinystories")
     add_data_args(p)
+    data_fineweb.add_data_args(p)
     args = p.parse_args()
     if args.vocab_size < 258:
         raise ValueError(f"--vocab-size must be at least 258 (256 bytes + 2 special tokens), got {args.vocab_size}")
-    train_source, val_source = sources_from_args(args)
+    if args.dataset == "fineweb-edu":
+        # validation is the stream's first documents (data_fineweb), so they check the round trip
+        train_source = val_source = data_fineweb.source_from_args(args)
+        stories = train_source.texts(train_source.dataset())
+    else:
+        train_source, val_source = sources_from_args(args)
+        stories = iter_stories(train_source)
 
     t0 = time.time()
-    stories = iter_stories(train_source)
     if args.max_stories > 0:
         stories = itertools.islice(stories, args.max_stories)
     n_stories, n_bytes = 0, 0
@@ -47,9 +56,12 @@ def main():
     print(f"trained a {tok.get_vocab_size():,}-token byte-level BPE on {n_stories:,} stories "
           f"({n_bytes / 1e6:.1f} MB) from {train_source} in {time.time() - t0:.1f}s -> {args.out_dir}/tokenizer.json")
 
-    if not isinstance(val_source, str):
+    if isinstance(val_source, data_fineweb.DocSource):
+        text = "".join(itertools.islice(val_source.texts(val_source.dataset()), 100))
+    elif isinstance(val_source, str):
+        text = read_text_file(val_source)
+    else:
         return
-    text = read_text_file(val_source)
     ids = tok.encode(text).ids
     ok = tok.decode(ids, skip_special_tokens=False) == text
     print(f"{val_source}: {len(ids):,} tokens, {len(text.encode('utf-8')) / len(ids):.2f} bytes/token, "

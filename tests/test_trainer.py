@@ -379,7 +379,7 @@ def test_time_budget_run_stops_in_time_and_records_its_plan(arith_cfg, tmp_path)
     assert 20 < result["max_steps"] < 100_000 and result["final"]["step"] <= result["max_steps"]
     assert took < 6.0 + 10.0, f"a 6 s budget took {took:.0f} s"  # generous: the machine is shared
     ckpt = load_checkpoint(str(tmp_path))
-    assert ckpt["step"] == result["final"]["step"] and ckpt["planned_max_steps"] == result["max_steps"]
+    assert ckpt["step"] == result["final"]["step"] and ckpt["train_state"]["planned_max_steps"] == result["max_steps"]
 
 
 def test_stop_when_solved_stops_at_the_first_solved_evaluation(arith_cfg, tmp_path):

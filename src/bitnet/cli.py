@@ -43,6 +43,9 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
                    help="train the ternary model and its full-precision twin side by side, then compare and judge")
     p.add_argument("--no-verdict", action="store_true", help=argparse.SUPPRESS)  # set for the twin's children
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-eval lines")
+    p.add_argument("--dry-run", nargs="?", type=int, const=1, metavar="GPUS",
+                   help="print the plan (parameters, FLOPs, memory, wall time on GPUS GPUs, default 1) as one "
+                        "JSON line and exit; builds nothing real")
     return p
 
 
@@ -57,6 +60,17 @@ def parse_duration(text: str) -> float:
     if seconds < 0:
         raise argparse.ArgumentTypeError(f"a time budget cannot be negative, got {text!r}")
     return seconds
+
+
+def dry_run(args, cfg) -> bool:
+    """--dry-run: print bitnet.plan.dry_run's line; True if it did (the script then exits)."""
+    if args.dry_run is None:
+        return False
+    from .plan import dry_run as plan_line
+    if args.dry_run < 1:
+        raise ValueError(f"--dry-run GPUS must be >= 1, got {args.dry_run}")
+    print(json.dumps(plan_line(cfg, world_size=args.dry_run)))
+    return True
 
 
 def choose_preset(args) -> bool:
@@ -204,8 +218,12 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
     `conclude({name: summary}, verdict) -> dict`, the last word printed, when given.
     """
     from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
+    from .distributed import is_main_process
     from .trainer import METRICS_NAME, load_checkpoint, model_from_checkpoint, train
 
+    if args.twin and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--twin runs its two models as two plain processes; under torchrun train one model "
+                         "per job (--quant ternary, then --quant none)")
     if args.twin:
         # the children get the preset chosen here, so they neither choose nor announce it again
         summaries = run_twin(script, sys.argv[1:], args.out_dir, [*child_args, "--preset", args.preset])
@@ -230,6 +248,8 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
     resume = previous_checkpoint(os.path.join(args.out_dir, CKPT_NAME)) if args.resume_from_previous else args.resume
     with stop_on_signals():  # SIGTERM/SIGINT: save a checkpoint after the current step, exit 143/130
         result = train(cfg, task, args.out_dir, device=args.device, resume=resume, quiet=args.quiet, on_eval=tracker)
+    if not is_main_process():  # under torchrun rank 0 alone writes the summary and the verdict
+        return {"summary": None}
     summary = summarize(result)
     write_json_atomic(os.path.join(args.out_dir, "summary.json"), summary)
     if args.no_verdict:  # a twin's child: the parent reports both runs together

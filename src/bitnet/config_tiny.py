@@ -43,12 +43,15 @@ class BitNetConfig:
     dtype: str = "auto"  # "auto" (bf16 autocast where supported), "bf16" or "fp32"
     compile: bool = False  # torch.compile the training step: fuses the quantizers' elementwise ops
     eval_interval: int = 250
-    checkpoint_interval_s: float = 60.0  # save at least this often (seconds), besides at every evaluation
     # Time budget (seconds; 0 = off): after warm-up the run measures its own speed and sets
     # max_steps (and so the schedule) to fill the budget, so a faster machine trains longer.
     time_budget_s: float = 0.0
     stop_when_solved: bool = False  # stop at the first evaluation where the task says solved()
+    checkpoint_interval_s: float = 60.0  # save at least this often (seconds), besides at every evaluation
     seed: int = 1337
+    # --- scale-up (bitnet.distributed, bitnet.plan) ---
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; batch_size is the global batch over all of them
+    peak_tflops: float = 0.0  # the device's peak bf16 TFLOPS, for MFU; 0 = look the GPU up (bitnet.plan.PEAK_TFLOPS)
 
     @property
     def head_dim(self) -> int:
@@ -203,6 +206,27 @@ class BitNetConfig95M(BitNetConfigTiny):
     learning_rate: float = 1.5e-3
 
 
+@dataclass
+class BitNetConfig200M(BitNetConfig95M):
+    """~213M (180M without the embeddings), 32K vocabulary, 1,024-token context: the seed's "200M+
+    for a 32K vocabulary", meant for FineWeb-Edu. 32,000 steps of 128 x 1,024 tokens = 4.2B tokens,
+    about 20 per parameter (Chinchilla's ratio). Eight micro-batches of 16 by default, so that a 40 GB
+    GPU holds one; `--dry-run` gives the memory at other settings (e.g. --set grad_accum_steps=4 on
+    80 GB). lr: scaled down from 95m's, untuned."""
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_hidden_layers: int = 14
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    max_position_embeddings: int = 1024
+    batch_size: int = 128
+    grad_accum_steps: int = 8
+    learning_rate: float = 1.2e-3
+    warmup_steps: int = 1000
+    max_steps: int = 32000
+    eval_interval: int = 1000
+
+
 PRESETS = {
     "arithmetic": BitNetConfigArithmetic,
     "arithmetic-cpu": BitNetConfigArithmeticCPU,
@@ -210,4 +234,5 @@ PRESETS = {
     "tiny-cpu": BitNetConfigTinyCPU,
     "small": BitNetConfigSmall,
     "95m": BitNetConfig95M,
+    "200m": BitNetConfig200M,
 }

@@ -237,6 +237,12 @@ def load_tokenizer(tokenizer_dir: str):
     return tok, text
 
 
+def check_vocab(tok, cfg, tokenizer_dir: str):
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tok.get_vocab_size()} tokens but "
+                         f"vocab_size is {cfg.vocab_size}; pass --set vocab_size={tok.get_vocab_size()}")
+
+
 def tokenizer_from_identity(identity: dict):
     """The tokenizer a checkpoint was trained with (its task identity holds the tokenizer.json text)."""
     from tokenizers import Tokenizer
@@ -378,13 +384,12 @@ class TinyStoriesTask:
     """What the shared trainer needs from an experiment: batches, evaluation, identity."""
 
     name = "tinystories"
+    prompts = PROMPTS  # what generate_stories() continues at each evaluation
 
     def __init__(self, cfg, tokenizer_dir: str, train_source, val_source, cache_dir: str):
         self.cfg = cfg
         self.tok, self.tokenizer_json = load_tokenizer(tokenizer_dir)
-        if self.tok.get_vocab_size() > cfg.vocab_size:
-            raise ValueError(f"the tokenizer in {tokenizer_dir} has {self.tok.get_vocab_size()} tokens but "
-                             f"vocab_size is {cfg.vocab_size}; pass --set vocab_size={self.tok.get_vocab_size()}")
+        check_vocab(self.tok, cfg, tokenizer_dir)
         self.eot = self.tok.token_to_id(EOT)
         self.byte_lengths = token_byte_lengths(self.tok)
         self.sources = {"train": str(train_source), "val": str(val_source)}
@@ -443,7 +448,7 @@ class TinyStoriesTask:
         """One story per fixed prompt. The sampler is seeded the same way at every evaluation, so
         the stories change only because the model does. A story that ended ends in <|endoftext|>."""
         stories = []
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(self.prompts):
             g = torch.Generator(device=device).manual_seed(self.cfg.seed + i)
             ids = torch.tensor([[self.eot] + self.tok.encode(prompt).ids], device=device)
             out = model.generate(ids, self.cfg.sample_tokens, temperature=temperature, top_k=top_k,

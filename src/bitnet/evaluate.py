@@ -17,7 +17,7 @@ import torch
 
 from .cli import run_main
 from .data_arithmetic import format_prompt, parse_problem
-from .generate import load_for_inference, runs_at
+from .generate import KERNEL_CHOICES, load_for_inference, runs_at
 
 
 def read_problems(path: str, encode) -> list[tuple[str, str, int]]:
@@ -73,12 +73,13 @@ def evaluate_arithmetic(model, codec, path: str, device) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description="Score a trained run on a file.")
-    p.add_argument("--checkpoint", required=True, help="a run's OUT_DIR (or its ckpt.pt)")
+    p.add_argument("--checkpoint", required=True, help="a run's OUT_DIR (or its ckpt.pt), or a transformers BitNet folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--arithmetic", metavar="FILE", help="problems like '12 + 7 = 19', one per line")
     src.add_argument("--text", metavar="FILE", help="stories in the official <|endoftext|> format")
     p.add_argument("--max-tokens", type=int, default=0, help="--text: score at most this many tokens (0 = all)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES, help="2-bit folders: matmul path (see packing.py)")
     args = p.parse_args()
     results = {label: evaluate_run(path, args) for label, path in runs_at(args.checkpoint).items()}
     if len(results) > 1:
@@ -90,13 +91,13 @@ def main():
 
 
 def evaluate_run(path: str, args) -> dict:
-    model, codec, ckpt = load_for_inference(path, args.device)
+    model, codec, ckpt = load_for_inference(path, args.device, args.kernel)
     task = ckpt["task"]["task"]
     if args.arithmetic:
         if task != "arithmetic":
             raise ValueError(f"--arithmetic needs an arithmetic run; {args.checkpoint} is a {task} run (use --text)")
         return evaluate_arithmetic(model, codec, args.arithmetic, args.device)
-    if task != "tinystories":
+    if task not in ("tinystories", "text"):
         raise ValueError(f"--text needs a TinyStories run; {args.checkpoint} is a {task} run (use --arithmetic)")
     from .data_tinystories import read_text_file, text_metrics, tokenizer_from_identity
     text = read_text_file(args.text)

@@ -12,7 +12,10 @@ from typing import Callable
 import torch
 
 from .cli import run_main
-from .trainer import TrainingError, find_runs, load_checkpoint, model_from_checkpoint
+from .trainer import TrainingError, find_runs, model_from_checkpoint
+
+
+KERNEL_CHOICES = ("auto", "latent", "unpack", "int8")
 
 
 @dataclass
@@ -38,12 +41,24 @@ def codec_for(identity: dict) -> Codec:
         eot = tok.token_to_id("<|endoftext|>")
         # training puts <|endoftext|> before every story, so prompts start with it too
         return Codec(lambda s: [eot] + tok.encode(s).ids, lambda ids: tok.decode(ids), eot)
+    if task == "text":  # a transformers folder made elsewhere: its tokenizer.json adds its own specials
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_str(identity["tokenizer"])
+        return Codec(lambda s: tok.encode(s).ids, lambda ids: tok.decode(ids), identity.get("eos_token_id"))
     raise TrainingError(f"checkpoint was trained on an unknown task {task!r}")
 
 
-def load_for_inference(path: str, device: str = "cpu"):
-    ckpt = load_checkpoint(path)
-    return model_from_checkpoint(ckpt, device), codec_for(ckpt.get("task", {})), ckpt
+def load_for_inference(path: str, device: str = "cpu", kernel: str = "auto"):
+    """A run folder or ckpt.pt, or a transformers folder (bitnet.export). A folder with 2-bit
+    weights runs on them (packing.PackedBitLinear, `kernel` unpack/int8; auto = int8) unless
+    kernel="latent", which rebuilds fp32 BitLinear weights that quantize to the same values."""
+    from .export import load_any_checkpoint, packed_model_from_checkpoint
+    ckpt = load_any_checkpoint(path, latent=kernel == "latent")
+    if ckpt.get("packed") is not None and kernel != "latent":
+        model = packed_model_from_checkpoint(ckpt, "int8" if kernel == "auto" else kernel, device)
+    else:
+        model = model_from_checkpoint(ckpt, device)
+    return model, codec_for(ckpt.get("task", {})), ckpt
 
 
 def runs_at(path: str) -> dict[str, str]:
@@ -55,16 +70,18 @@ def runs_at(path: str) -> dict[str, str]:
 
 def main():
     p = argparse.ArgumentParser(description="Print a completion from a trained run.")
-    p.add_argument("--checkpoint", required=True, help="a run's OUT_DIR (or its ckpt.pt); a twin run's OUT gives both")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's OUT_DIR (or its ckpt.pt; a twin run's OUT gives both), or a transformers BitNet folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 8 for arithmetic, 200 for text")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES, help="2-bit folders: matmul path (see packing.py)")
     args = p.parse_args()
     for label, path in runs_at(args.checkpoint).items():
-        model, codec, ckpt = load_for_inference(path, args.device)
+        model, codec, ckpt = load_for_inference(path, args.device, args.kernel)
         n = args.max_new_tokens or (8 if ckpt["task"]["task"] == "arithmetic" else 200)
         ids = torch.tensor([codec.encode(args.prompt)], device=args.device)
         g = torch.Generator(device=args.device).manual_seed(args.seed)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed, plan
 from .config_tiny import BitNetConfig
 from .model import BitNetForCausalLM
 
@@ -423,40 +424,6 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> BitNetForCausalLM:
     return model.to(device).eval()
 
 
-class TimeBudget:
-    """Fits max_steps to `cfg.time_budget_s` from the speed measured after warm-up.
-
-    The plan is made once, when warm-up ends (the learning rate does not depend on max_steps
-    before then): steps = what the remaining time buys at the measured steps/s, less the cost
-    of the evaluations those steps bring (timed on the first one); with stop_when_solved, at most
-    the preset's max_steps. `over()` is the hard stop.
-    """
-
-    def __init__(self, cfg: BitNetConfig, start_step: int):
-        self.budget, self.t0 = cfg.time_budget_s, time.time()
-        self.plan_at = start_step + max(cfg.warmup_steps, 20)
-        self.rate_from = None  # (step, time) once the first steps (and any compile) are behind
-        self.eval_s = 0.0
-
-    def after_step(self, cfg: BitNetConfig, step: int, start_step: int) -> BitNetConfig:
-        if not self.budget:
-            return cfg
-        if step == start_step + 5:
-            self.rate_from = (step, time.time())
-        if step == self.plan_at and self.rate_from:
-            s0, t_s0 = self.rate_from
-            sec_per_step = (time.time() - t_s0) / max(1, step - s0)
-            remaining = self.budget - (time.time() - self.t0) - 2 * self.eval_s  # the final eval + margin
-            steps = max(step + 1, step + int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval)))
-            # A task that can be solved keeps its preset's (measured) schedule when the budget buys
-            # more: a longer cosine would only anneal later and solve later. Otherwise fill the budget.
-            cfg = replace(cfg, max_steps=min(steps, cfg.max_steps) if cfg.stop_when_solved else steps)
-        return cfg
-
-    def over(self) -> bool:
-        return bool(self.budget) and time.time() - self.t0 > self.budget - self.eval_s
-
-
 def forget_metrics_after(metrics_path: str, step: int):
     """Drop metrics.jsonl lines logged after `step` (the checkpoint's), so the log matches it."""
     if os.path.exists(metrics_path):
@@ -465,7 +432,8 @@ def forget_metrics_after(metrics_path: str, step: int):
         write_lines_atomic(metrics_path, keep)
 
 
-def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str, on_eval=None) -> tuple[int, list, dict]:
+def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str, on_eval=None,
+                ctx=None) -> tuple[int, list, dict]:
     """Load a checkpoint into `model` and `opt` for --resume, after checking it belongs to this run
     (same task, tokenizer and config), and restore every RNG state. Returns (step, history, train_state)."""
     if not os.path.exists(ckpt_path):
@@ -491,12 +459,54 @@ def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str, on_eva
     if ckpt.get("on_eval") is not None and hasattr(on_eval, "load_state_dict"):
         on_eval.load_state_dict(ckpt["on_eval"])
     step = ckpt["step"]
-    forget_metrics_after(metrics_path, step)
-    train_state = dict(ckpt.get("train_state", {}), planned_max_steps=ckpt.get("planned_max_steps", 0))
-    return step, ckpt.get("history", []), train_state
+    if ctx is not None:
+        distributed.restore_task_state(task, ckpt.get("task_state"), ctx)
+    if ctx is None or ctx.is_main:
+        forget_metrics_after(metrics_path, step)
+    return step, ckpt.get("history", []), ckpt.get("train_state", {})
 
 
-RESUME_MAY_CHANGE = ("max_steps", "eval_interval", "time_budget_s", "checkpoint_interval_s")  # the only fields a resume may change
+RESUME_MAY_CHANGE = ("max_steps", "eval_interval", "checkpoint_interval_s", "time_budget_s", "grad_accum_steps",
+                     "peak_tflops")  # the only fields a resume may change
+
+
+class TimeBudget:
+    """Fits max_steps to `cfg.time_budget_s` from the speed measured after warm-up.
+
+    The plan is made once, when warm-up ends (the learning rate does not depend on max_steps
+    before then): steps = what the remaining time buys at the measured steps/s, less the cost
+    of the evaluations those steps bring (timed on the first one); with stop_when_solved, at most
+    the preset's max_steps. `over()` is the hard stop.
+    """
+
+    def __init__(self, cfg: BitNetConfig, start_step: int):
+        self.budget, self.t0 = cfg.time_budget_s, time.time()
+        self.plan_at = start_step + max(cfg.warmup_steps, 20)
+        self.rate_from = None  # (step, time) once the first steps (and any compile) are behind
+        self.eval_s = 0.0
+
+    def after_step(self, cfg: BitNetConfig, step: int, start_step: int, ctx=None) -> BitNetConfig:
+        if not self.budget:
+            return cfg
+        if step == start_step + 5:
+            self.rate_from = (step, time.time())
+        if step == self.plan_at and self.rate_from:
+            s0, t_s0 = self.rate_from
+            sec_per_step = (time.time() - t_s0) / max(1, step - s0)
+            remaining = self.budget - (time.time() - self.t0) - 2 * self.eval_s  # the final eval + margin
+            steps = max(step + 1, step + int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval)))
+            # A task that can be solved keeps its preset's (measured) schedule when the budget buys
+            # more: a longer cosine would only anneal later and solve later. Otherwise fill the budget.
+            if ctx is not None and ctx.world_size > 1:  # every process takes the slowest one's plan
+                steps = int(-distributed.max_over_ranks(torch.tensor(-float(steps)), ctx))
+            cfg = replace(cfg, max_steps=min(steps, cfg.max_steps) if cfg.stop_when_solved else steps)
+        return cfg
+
+    def over(self, ctx=None) -> bool:
+        over = bool(self.budget) and time.time() - self.t0 > self.budget - self.eval_s
+        if self.budget and ctx is not None and ctx.world_size > 1:  # stop together, or the collectives hang
+            over = bool(distributed.max_over_ranks(torch.tensor(float(over)), ctx))
+        return over
 
 
 def evaluate_and_log(model, task, device, step, cfg, log_fn, amp) -> dict:
@@ -514,10 +524,13 @@ def evaluate_and_log(model, task, device, step, cfg, log_fn, amp) -> dict:
 def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: bool = False,
           on_eval=None, quiet: bool = False) -> dict:
     """Train a model on `task` and return a summary. `on_eval(model, step) -> dict` adds metrics."""
-    dev = pick_device(device)
+    ctx = distributed.setup(pick_device(device))  # one process, or this one's place in a torchrun job
+    dev = ctx.device
+    distributed.micro_batch_rows(cfg, ctx.world_size)  # a global batch that does not split: say so before any work
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, CKPT_NAME)
     metrics_path = os.path.join(out_dir, METRICS_NAME)
+    quiet = quiet or not ctx.is_main  # only rank 0 logs
     log = (lambda s: None) if quiet else (lambda s: tqdm.write(s, file=sys.stdout))
 
     seed_everything(cfg.seed)
@@ -527,23 +540,29 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     train_state, keep_previous = {}, True
     if resume:  # True: OUT_DIR/ckpt.pt; a path: that checkpoint (e.g. ckpt.prev.pt when ckpt.pt is damaged)
         source = ckpt_path if resume is True else str(resume)
-        step, history, train_state = restore_run(source, cfg, task, model, opt, metrics_path, on_eval)
-        keep_previous = source == ckpt_path  # a damaged ckpt.pt must not become the new "previous good" one
-        if train_state["planned_max_steps"]:  # a time-budgeted run keeps the plan it made
+        step, history, train_state = restore_run(source, cfg, task, model, opt, metrics_path, on_eval, ctx)
+        if train_state.get("planned_max_steps"):  # a time-budgeted run keeps the plan it made
             cfg = replace(cfg, max_steps=train_state["planned_max_steps"], time_budget_s=0.0)
+        keep_previous = source == ckpt_path  # a damaged ckpt.pt must not become the new "previous good" one
         log(f"resumed from {source} at step {step}")
-    elif os.path.exists(metrics_path):
+    elif ctx.is_main and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
     amp = autocast_for(dev, cfg.dtype)
     # The compiled module shares the model's parameters; evaluation and generation use the plain
     # model, whose shapes vary (compiling those would recompile again and again).
-    train_model = torch.compile(model) if cfg.compile else model
+    ddp_model = distributed.wrap(model, ctx)  # the model itself for one process
+    train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     n_params = model.num_parameters()
+    flops_per_token, peak_flops = plan.flops_per_token(model), plan.peak_flops(cfg, dev)
     log(f"model: {n_params / 1e6:.2f}M parameters ({cfg.quant}), {type(cfg).__name__}, device {dev}, "
-        f"{'bf16 autocast' if isinstance(amp, torch.autocast) else 'fp32'}, {torch.get_num_threads()} threads")
+        f"{'bf16 autocast' if isinstance(amp, torch.autocast) else 'fp32'}, {torch.get_num_threads()} threads"
+        + (f", {ctx.world_size} processes" if ctx.world_size > 1 else "")
+        + (f", {cfg.grad_accum_steps} micro-batches per step" if cfg.grad_accum_steps > 1 else ""))
 
     def record(entry: dict):
+        if not ctx.is_main:
+            return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
@@ -551,9 +570,13 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
 
     def checkpoint():
         nonlocal keep_previous
+        task_state = distributed.gather_task_state(task, ctx)  # a collective: every process comes here
+        if not ctx.is_main:
+            return
         contents = checkpoint_contents(model, opt, step, cfg, task, history,
-                                       {"first_loss": first_loss, "loss_ema": loss_ema}, on_eval)
-        contents["planned_max_steps"] = cfg.max_steps if planned else 0
+                                       {"first_loss": first_loss, "loss_ema": loss_ema,
+                                        "planned_max_steps": cfg.max_steps if planned else 0}, on_eval)
+        contents["task_state"] = task_state
         try:
             save_checkpoint(contents, ckpt_path, keep_previous)
         except TrainingError:
@@ -596,43 +619,49 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         for group in opt.param_groups:
             group["lr"] = lr
             group["weight_decay"] = wd if group["decay"] else 0.0
-        x, y = task.get_batch(step, cfg.batch_size)
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with amp:
-            try:
-                _, loss = train_model(x, y)
-            except Exception as e:  # noqa: BLE001 - torch.compile needs a C++ compiler on CPU; without one, go eager
-                if train_model is model:
-                    raise
-                log(f"torch.compile failed ({type(e).__name__}); training without it")
-                train_model = model
-                _, loss = model(x, y)
-        loss_val = loss.item()
+        opt.zero_grad(set_to_none=True)
+        micro = distributed.micro_batches(task, step, cfg, ctx)
+        loss_sum = torch.zeros((), device=dev)
+        for i, (x, y, share) in enumerate(micro):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with distributed.grad_sync(ddp_model, sync=i == len(micro) - 1):
+                with amp:
+                    try:
+                        _, loss = train_model(x, y)
+                    except Exception as e:  # noqa: BLE001 - torch.compile needs a C++ compiler on CPU; go eager
+                        if train_model is ddp_model:
+                            raise
+                        log(f"torch.compile failed ({type(e).__name__}); training without it")
+                        train_model = ddp_model
+                        _, loss = ddp_model(x, y)
+                (loss * (share * ctx.world_size)).backward()  # DDP averages over processes: undo its 1/world_size
+            loss_sum += loss.detach() * share
+        loss_val = distributed.sum_over_ranks(loss_sum, ctx).item()  # the global batch's mean loss
         if not math.isfinite(loss_val):
             raise non_finite("loss", loss_val)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         if not math.isfinite(grad_norm):  # stepping would write NaNs into the weights (and the next checkpoint)
             raise non_finite("gradient norm", grad_norm)
         opt.step()
         step += 1
-        tokens += x.numel()
+        tokens += x.numel() * len(micro) * ctx.world_size  # all processes'
         first_loss = loss_val if first_loss is None else first_loss
         loss_ema = loss_val if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_val
         if step % 10 == 0 or step == cfg.max_steps:
             tps = tokens / max(1e-9, time.time() - t0)
+            mfu = plan.mfu(tps, flops_per_token, peak_flops, ctx.world_size)
             record({"kind": "train", "step": step, "train_loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": tps, "elapsed_s": time.time() - t0})
-            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
+                    "tokens_per_s": tps, "mfu": mfu, "elapsed_s": time.time() - t0})
+            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}",
+                            mfu="n/a" if mfu is None else f"{mfu:.1%}", refresh=False)
         bar.update(1)
         if not planned:
-            planned_cfg = budget.after_step(cfg, step, start_step)
+            planned_cfg = budget.after_step(cfg, step, start_step, ctx)
             if planned_cfg is not cfg:
                 cfg, planned = planned_cfg, True
                 bar.total = cfg.max_steps
                 log(f"time budget {budget.budget:.0f} s: {cfg.max_steps} steps at the measured speed")
-        out_of_time = budget.over()
+        out_of_time = budget.over(ctx)
         if step % cfg.eval_interval == 0 or step >= cfg.max_steps or out_of_time:
             m = run_eval()
             checkpoint()
