@@ -504,9 +504,15 @@ class TimeBudget:
 
     def over(self, ctx=None) -> bool:
         over = bool(self.budget) and time.time() - self.t0 > self.budget - self.eval_s
-        if self.budget and ctx is not None and ctx.world_size > 1:  # stop together, or the collectives hang
-            over = bool(distributed.max_over_ranks(torch.tensor(float(over)), ctx))
-        return over
+        return all_agree(over, ctx) if self.budget and ctx is not None else over
+
+
+def all_agree(flag: bool, ctx) -> bool:
+    """`flag` on any process, for every process: a checkpoint or a stop is a collective under
+    torchrun, so one process deciding alone (its own clock, its own signal) would hang the rest."""
+    if ctx.world_size == 1:
+        return flag
+    return bool(distributed.max_over_ranks(torch.tensor(float(flag)), ctx))
 
 
 def evaluate_and_log(model, task, device, step, cfg, log_fn, amp) -> dict:
@@ -572,6 +578,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         nonlocal keep_previous
         task_state = distributed.gather_task_state(task, ctx)  # a collective: every process comes here
         if not ctx.is_main:
+            saved.update(step=step, time=time.time())  # keeps every process's save clock in step
             return
         contents = checkpoint_contents(model, opt, step, cfg, task, history,
                                        {"first_loss": first_loss, "loss_ema": loss_ema,
@@ -671,13 +678,13 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             if out_of_time:
                 log(f"time budget {budget.budget:.0f} s spent at step {step}; stopping")
                 break
-        elif time.time() - saved["time"] >= cfg.checkpoint_interval_s:
+        elif all_agree(time.time() - saved["time"] >= cfg.checkpoint_interval_s, ctx):
             checkpoint()
-        if _stop_signal:  # SIGTERM/SIGINT under stop_on_signals(): save, then stop
+        if all_agree(bool(_stop_signal), ctx):  # SIGTERM/SIGINT under stop_on_signals(): save, then stop
             if saved["step"] != step:
                 checkpoint()
             bar.close()
-            raise Interrupted(_stop_signal[0], step, ckpt_path)
+            raise Interrupted(_stop_signal[0] if _stop_signal else signal.SIGTERM, step, ckpt_path)
     bar.close()
     final = history[-1]
     elapsed = time.time() - t0
