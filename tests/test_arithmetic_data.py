@@ -7,7 +7,7 @@ import torch
 
 from bitnet.config_tiny import BitNetConfigArithmetic
 from bitnet.data_arithmetic import (ArithmeticDomain, ArithmeticTask, CharTokenizer, encode_problems,
-                                    is_heldout, parse_problem)
+                                    heldout_part, is_heldout, parse_problem)
 
 TOK = CharTokenizer()
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -160,6 +160,71 @@ def test_evaluation_reports_both_splits_and_skips_heldout_when_fraction_is_zero(
         m = ArithmeticTask(cfg).evaluate(model, "cpu", step=0)
         assert {"indist_acc_+", "indist_acc_*", "indist_answer_loss", "val_loss", "samples"} <= set(m)
         assert ("heldout_acc_+" in m) == want_heldout and "heldout_acc_*" not in m
+
+
+def test_heldout_halves_are_disjoint_and_the_reported_half_never_steers_the_stop():
+    cfg = BitNetConfigArithmetic()
+    domain = ArithmeticDomain.from_config(cfg)
+    for op, pairs in (("+", [(a, b) for a in range(100) for b in range(100)]),
+                      ("-", [(a, b) for a in range(100) for b in range(a + 1)])):
+        held = [(a, op, b) for a, b in pairs if is_heldout(a, op, b, cfg.heldout_fraction)]
+        val = {p for p in held if heldout_part(*p, cfg.heldout_fraction) == "val"}
+        test = {p for p in held if heldout_part(*p, cfg.heldout_fraction) == "test"}
+        assert val and test and not val & test and val | test == set(held)
+        assert 0.35 < len(val) / len(held) < 0.65, f"{op}: {len(val)} of {len(held)} in the val half"
+        assert domain.heldout_halves(op)
+        assert set(domain.sample(300, gen(1), "heldout", ops=op, part="test")) <= test
+        assert set(domain.sample(300, gen(2), "heldout", ops=op, part="val")) <= val
+
+
+def test_solved_reads_only_the_validation_sets():
+    task = ArithmeticTask(BitNetConfigArithmetic())
+    good = {"val_acc_+": 1.0, "val_acc_*": 0.996, "val_heldout_acc_+": 1.0}
+    assert task.solved(good)
+    assert not task.solved({**good, "val_heldout_acc_+": 0.99})  # below the 99.5% stop target
+    assert task.solved({**good, "heldout_acc_+": 0.0, "indist_acc_-": 0.0})  # reported figures never steer it
+    assert not task.solved({"indist_acc_+": 1.0})  # no validation figures: not solved
+
+
+def test_balanced_digit_sampling_gives_short_operands_their_share():
+    def short_share(balance, **kw):
+        cfg = BitNetConfigArithmetic(operators="+", balance_digits=balance)
+        ps = ArithmeticDomain.from_config(cfg).sample(3000, gen(0), **kw)
+        return sum(a < 10 for a, _, _ in ps) / len(ps)
+    assert short_share(0.0, split="train") < 0.15  # uniform: 10% of operands are 1-digit
+    assert 0.4 < short_share(1.0, split="train") < 0.6  # balanced: half
+    # evaluation sets (an explicit operator, or held-out problems) stay uniform whatever the training mix
+    assert short_share(1.0, split="train", ops="+") < 0.15 and short_share(1.0, split="heldout", ops="+") < 0.15
+    with pytest.raises(ValueError, match="balance_digits"):
+        ArithmeticTask(BitNetConfigArithmetic(balance_digits=1.5))
+
+
+def summary(bar: bool, loss_end: float = 0.01, ok: int = 20, budget: float = 480.0) -> dict:
+    return {"loss_start": 3.5, "loss_end": loss_end, "completions": ["x"] * 20, "completions_ok": ok,
+            "bar": bar, "bar_short": [] if bar else ["heldout_acc_+ = 97.0% < 99%"], "time_budget_s": budget,
+            "steps": 1000}
+
+
+@pytest.mark.parametrize("bar, verdict, overall", [(True, "OK", "PASS"), (False, "OK", "INCONCLUSIVE"),
+                                                   (False, "INCONCLUSIVE", "INCONCLUSIVE"), (True, "BROKEN", "FAIL"),
+                                                   (False, "BROKEN", "FAIL")])
+def test_conclusion_keeps_seed_criteria_bar_and_verdict_apart(capsys, bar, verdict, overall):
+    task = ArithmeticTask(BitNetConfigArithmetic())
+    out = task.conclude({"ternary": summary(bar), "fp": summary(True)}, {"verdict": verdict})
+    text = capsys.readouterr().out
+    assert out["overall"] == overall and f"OVERALL: {overall}" in text
+    assert "(a) the seed's criteria" in text and "(b) our bar" in text and f"(c) infrastructure verdict: {verdict}" in text
+    if overall == "INCONCLUSIVE" and verdict == "OK":
+        assert "train longer: --time-budget 16m" in text  # twice the 8-minute budget
+    if bar and verdict == "BROKEN":
+        assert "yet a check failed" in text  # the apparent contradiction is explained
+
+
+def test_conclusion_never_fails_a_stack_whose_checks_pass():
+    task = ArithmeticTask(BitNetConfigArithmetic())
+    for bar in (True, False):
+        for loss in (0.01, 2.0):
+            assert task.conclude({"ternary": summary(bar, loss)}, {"verdict": "OK"})["overall"] != "FAIL"
 
 
 # ---------------------------------------------------------------- training targets

@@ -148,3 +148,44 @@ def test_preset_is_chosen_by_device_unless_given():
     if not torch.cuda.is_available():
         with pytest.raises(TrainingError, match="no CUDA GPU is visible"):
             choose_preset(p.parse_args(["--out-dir", "x", "--device", "cuda"]))
+
+
+def test_tools_accept_a_twin_runs_out_dir(tmp_path):
+    out = tmp_path / "twin"
+    proc = run(["train_bitnet_arithmetic.py", "--twin", "--out-dir", str(out), "--max-steps", "60",
+                "--set", "eval_interval=60", *TINY_ARITH])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    problems = tmp_path / "problems.txt"
+    problems.write_text("".join(f"{a} * {b} = {a * b}\n" for a in range(6) for b in range(6)))
+    ev = run(["-m", "bitnet.evaluate", "--checkpoint", str(out), "--arithmetic", str(problems)])
+    assert ev.returncode == 0, ev.stderr
+    both = json.loads(ev.stdout.strip().splitlines()[-1])
+    alone = {name: json.loads(run(["-m", "bitnet.evaluate", "--checkpoint", str(out / name), "--arithmetic",
+                                   str(problems)]).stdout.strip().splitlines()[-1]) for name in ("ternary", "fp")}
+    assert {k: v for k, v in both.items() if k != "fp"} == alone["ternary"] and both["fp"] == alone["fp"]
+    assert "ternary" in ev.stdout and "fp twin" in ev.stdout  # the side-by-side table
+    gen = run(["-m", "bitnet.generate", "--checkpoint", str(out), "--prompt", "3 * 4 ="])
+    assert gen.returncode == 0, gen.stderr
+    lines = gen.stdout.strip().splitlines()
+    assert [ln.split("]")[0] for ln in lines] == ["[ternary", "[fp twin"] and all("3 * 4 =" in ln for ln in lines)
+
+
+def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = run(["train_bitnet_arithmetic.py", "--out-dir", str(tmp_path / "x"), "--device", "cuda", *TINY_ARITH])
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no CUDA GPU is visible" in proc.stderr
+    assert not (tmp_path / "x").exists() or not os.listdir(tmp_path / "x")
+
+
+def test_time_budget_flag_reaches_the_config():
+    from bitnet.cli import build_config, common_parser
+    p = common_parser("t", gpu_preset="arithmetic", cpu_preset="arithmetic-cpu")
+    cfg = build_config(p.parse_args(["--out-dir", "x", "--preset", "arithmetic-cpu", "--time-budget", "2m"]))
+    assert cfg.time_budget_s == 120
+    preset = build_config(p.parse_args(["--out-dir", "x", "--preset", "arithmetic-cpu"]))
+    assert preset.time_budget_s > 0 and preset.stop_when_solved  # the CPU preset plans itself
+    steps = build_config(p.parse_args(["--out-dir", "x", "--preset", "arithmetic-cpu", "--max-steps", "50"]))
+    assert steps.max_steps == 50 and steps.time_budget_s == 0  # explicit steps switch the budget off
+    bad = run(["train_bitnet_arithmetic.py", "--out-dir", "x", "--time-budget", "soon"])
+    assert bad.returncode == 2 and "duration like 9m" in bad.stderr

@@ -12,8 +12,8 @@ import torch
 from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic, BitNetConfigTiny
 from bitnet.data_arithmetic import ArithmeticTask, CharTokenizer
 from conftest import assert_dicts_close
-from bitnet.trainer import (TrainingError, load_checkpoint, lr_and_wd, model_from_checkpoint, pick_device,
-                            save_atomic, train)
+from bitnet.trainer import (NonFiniteLoss, TrainingError, load_checkpoint, lr_and_wd, model_from_checkpoint,
+                            pick_device, save_checkpoint, train)
 
 TOK = CharTokenizer()
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
@@ -179,21 +179,25 @@ def test_resume_refuses_a_changed_config_or_a_missing_checkpoint(arith_cfg, tmp_
 
 
 # ---------------------------------------------------------------- checkpoint files
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+def test_checkpoint_write_is_atomic_and_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    save_atomic({"model": {}, "config": {}, "step": 1}, path)
-    assert no_temp_files(tmp_path)
+    save_checkpoint({"model": {}, "config": {}, "step": 1}, path)
+    assert no_temp_files(tmp_path) and not (tmp_path / "ckpt.prev.pt").exists()
+    save_checkpoint({"model": {}, "config": {}, "step": 2}, path)
+    assert load_checkpoint(path)["step"] == 2 and load_checkpoint(str(tmp_path / "ckpt.prev.pt"))["step"] == 1
+    before = {n: (tmp_path / n).read_bytes() for n in ("ckpt.pt", "ckpt.prev.pt")}
 
-    def broken_save(obj, f, *args, **kwargs):  # dies half-way through writing
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a file")
-        raise OSError("disk full")
+    def broken_save(obj, f, *args, **kwargs):  # dies half-way through writing: the disk is full
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        save_atomic({"model": {}, "config": {}, "step": 2}, path)
+    with pytest.raises(TrainingError) as e:
+        save_checkpoint({"model": {}, "config": {}, "step": 3}, path)
     monkeypatch.undo()
-    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
+    assert "No space left on device" in str(e.value) and "\n" not in str(e.value)
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before  # both checkpoints intact
+    assert no_temp_files(tmp_path)
 
 
 def test_bad_or_missing_checkpoint_is_a_one_line_error(tmp_path):
@@ -219,10 +223,10 @@ def test_bad_or_missing_checkpoint_is_a_one_line_error(tmp_path):
 # ---------------------------------------------------------------- failures
 def test_non_finite_loss_stops_with_a_training_error(arith_cfg, tmp_path):
     cfg = arith_cfg(learning_rate=1e6, warmup_steps=1, max_steps=30, eval_interval=100, eval_problems=4)
-    with pytest.raises(TrainingError) as e:
+    with pytest.raises(NonFiniteLoss) as e:
         train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", quiet=True)
     msg = str(e.value)
-    assert "\n" not in msg and "learning_rate" in msg and ("nan" in msg or "inf" in msg)
+    assert "\n" not in msg and "learning_rate" in msg and ("nan" in msg or "inf" in msg) and e.value.exit_code == 3
     errors = [m for m in read_metrics(tmp_path) if m["kind"] == "error"]
     assert len(errors) == 1 and errors[0]["step"] < cfg.max_steps
 
@@ -234,13 +238,15 @@ def test_non_finite_loss_is_caught_at_any_step(arith_cfg, tmp_path, monkeypatch)
     calls = []
 
     def poisoned(*args, **kwargs):  # finite for the first 5 training steps, then NaN
-        calls.append(1)
         loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) > 5 + 1 else loss  # +1: the step-0 evaluation
+        if not torch.is_grad_enabled():  # an evaluation, not a training step
+            return loss
+        calls.append(1)
+        return loss * float("nan") if len(calls) > 5 else loss
 
     cfg = arith_cfg(operators="*", heldout_fraction=0.0, max_steps=20, eval_interval=100, eval_problems=4)
     monkeypatch.setattr(bitnet.model.F, "cross_entropy", poisoned)
-    with pytest.raises(TrainingError, match="at step 5"):
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 5"):
         train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", quiet=True)
 
 
@@ -307,3 +313,96 @@ def test_train_script_bad_set_exits_2_with_one_line(repo_root, tmp_path, bad):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and bad.split("=")[0] in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "run" / "ckpt.pt")
+
+
+# --- time budget and train-until-solved ---------------------------------------------------
+
+def test_parse_duration():
+    import argparse
+
+    from bitnet.cli import parse_duration
+    assert [parse_duration(t) for t in ("90s", "9m", "1.5h", "12")] == [90, 540, 5400, 12]
+    for bad in ("abc", "9x", "", "-1m"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_duration(bad)
+
+
+class FakeClock:
+    """time.time() for the trainer: advances `dt` seconds on every call, so the plan is exact."""
+
+    def __init__(self, dt: float):
+        self.now, self.dt = 1000.0, dt
+
+    def time(self):
+        self.now += self.dt
+        return self.now
+
+
+def test_time_budget_plans_steps_from_the_measured_speed(arith_cfg, monkeypatch):
+    from dataclasses import replace
+
+    import bitnet.trainer as trainer
+    cfg = arith_cfg(time_budget_s=100.0, warmup_steps=10, eval_interval=50, max_steps=7)
+    clock = FakeClock(0.0)
+    monkeypatch.setattr(trainer, "time", clock)
+    budget = trainer.TimeBudget(cfg, start_step=0)
+    budget.eval_s = 2.0
+    for step in range(1, 20):
+        clock.now += 0.1 if step > 5 else 5.0  # slow first steps (compile), then 0.1 s a step
+        planned = budget.after_step(cfg, step, 0)
+        assert planned is cfg or step == 20
+    clock.now += 0.1
+    planned = budget.after_step(cfg, 20, 0)
+    elapsed = clock.now - 1000.0
+    want = 20 + int((100.0 - elapsed - 2 * 2.0) / (0.1 + 2.0 / 50))
+    assert planned.max_steps == want and want > 400  # the budget, not the preset's 7 steps, sets the length
+    assert not budget.over()
+    solvable = replace(cfg, stop_when_solved=True, max_steps=300)
+    assert budget.after_step(solvable, 20, 0).max_steps == 300  # a solvable task keeps its preset's schedule
+    clock.now += 100.0
+    assert budget.over()
+
+
+def test_time_budget_off_leaves_max_steps(arith_cfg):
+    from bitnet.trainer import TimeBudget
+    cfg = arith_cfg(max_steps=30)
+    budget = TimeBudget(cfg, 0)
+    assert all(budget.after_step(cfg, s, 0) is cfg for s in range(1, 40)) and not budget.over()
+
+
+def test_time_budget_run_stops_in_time_and_records_its_plan(arith_cfg, tmp_path):
+    import time
+    cfg = arith_cfg(time_budget_s=6.0, max_steps=100_000, warmup_steps=10, eval_interval=100_000)
+    t0 = time.time()
+    result = train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", quiet=True)
+    took = time.time() - t0
+    assert 20 < result["max_steps"] < 100_000 and result["final"]["step"] <= result["max_steps"]
+    assert took < 6.0 + 10.0, f"a 6 s budget took {took:.0f} s"  # generous: the machine is shared
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["step"] == result["final"]["step"] and ckpt["train_state"]["planned_max_steps"] == result["max_steps"]
+
+
+def test_stop_when_solved_stops_at_the_first_solved_evaluation(arith_cfg, tmp_path):
+    class SolvedAtStep40(ArithmeticTask):
+        solve_target = 1.0
+
+        def solved(self, m):
+            return m["step"] >= 40
+
+    cfg = arith_cfg(max_steps=200, eval_interval=20, stop_when_solved=True)
+    result = train(cfg, SolvedAtStep40(cfg), str(tmp_path), device="cpu", quiet=True)
+    assert result["final"]["step"] == 40 and result["solved"]
+    assert load_checkpoint(str(tmp_path))["step"] == 40
+    off = train(arith_cfg(max_steps=60, eval_interval=20), SolvedAtStep40(cfg), str(tmp_path / "off"),
+                device="cpu", quiet=True)
+    assert off["final"]["step"] == 60 and not off["solved"]  # stop_when_solved=False trains on
+
+
+def test_fp_twin_trains_at_its_own_learning_rate():
+    from bitnet.cli import build_config, common_parser
+    p = common_parser("t", gpu_preset="arithmetic", cpu_preset="arithmetic-cpu")
+    base = ["--out-dir", "x", "--preset", "arithmetic-cpu", "--set", "learning_rate=5e-3", "--set", "fp_learning_rate=2e-3"]
+    assert build_config(p.parse_args(base)).learning_rate == 5e-3
+    assert build_config(p.parse_args(base + ["--quant", "none"])).learning_rate == 2e-3
+    same = build_config(p.parse_args(base[:-2] + ["--set", "fp_learning_rate=0", "--quant", "none"]))
+    assert same.learning_rate == 5e-3  # 0 = the ternary rate

@@ -14,10 +14,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def absmean_ternary(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s): q = round(W*s).clamp(-1, 1) in {-1, 0, +1} and s = 1/mean|W|; W_q = q / s.
+    The split of weight_quant that packing.py stores (q in 2 bits, 1/s as the scale)."""
+    scale = 1.0 / w.abs().mean().clamp(min=1e-5)
+    return (w * scale).round().clamp(-1, 1), scale
+
+
 def weight_quant(w: torch.Tensor) -> torch.Tensor:
     """Ternary absmean quantization, returned dequantized: values in {-1, 0, +1} / s."""
-    scale = 1.0 / w.abs().mean().clamp(min=1e-5)
-    return (w * scale).round().clamp(-1, 1) / scale
+    q, scale = absmean_ternary(w)
+    return q / scale
 
 
 def activation_quant(x: torch.Tensor) -> torch.Tensor:

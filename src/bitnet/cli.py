@@ -9,7 +9,8 @@ import torch
 
 from .config_tiny import PRESETS
 from .diagnose.bugs import BUG_NAMES as BUGS
-from .trainer import TrainingError, pick_device, write_json_atomic
+from .trainer import (CKPT_NAME, TrainingError, out_dir_lock, pick_device, previous_checkpoint, stop_on_signals,
+                      write_json_atomic)
 
 
 def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argparse.ArgumentParser:
@@ -21,12 +22,17 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
                    help=f"config class from bitnet/config_tiny.py (default: {gpu_preset} on a CUDA GPU, "
                         f"{cpu_preset} otherwise)")
     p.set_defaults(presets_by_device=(gpu_preset, cpu_preset))
-    p.add_argument("--max-steps", type=int, help="override the preset's max_steps")
+    p.add_argument("--max-steps", type=int, help="override the preset's max_steps (and switch off its time budget)")
+    p.add_argument("--time-budget", type=parse_duration, metavar="T",
+                   help="training time per model, e.g. 9m, 90s, 1h (0 = off): after warm-up, steps and schedule "
+                        "are set from the measured speed; overrides --max-steps")
     p.add_argument("--quant", choices=["ternary", "none"], default="ternary",
                    help="ternary = BitNet b1.58; none = the full-precision twin")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, help="override the preset's seed")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
+    p.add_argument("--resume-from-previous", action="store_true",
+                   help="continue from OUT_DIR/ckpt.prev.pt, the checkpoint before the latest (when ckpt.pt is damaged)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any config field, e.g. --set learning_rate=3e-3 (repeatable)")
     p.add_argument("--threads", type=int, default=0,
@@ -38,6 +44,19 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
     p.add_argument("--no-verdict", action="store_true", help=argparse.SUPPRESS)  # set for the twin's children
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-eval lines")
     return p
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '9m', '1.5h' or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    num, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 9m, 90s or 1h, got {text!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"a time budget cannot be negative, got {text!r}")
+    return seconds
 
 
 def choose_preset(args) -> bool:
@@ -52,17 +71,33 @@ def choose_preset(args) -> bool:
 def build_config(args):
     cfg = PRESETS[args.preset]()
     pairs = list(args.set)
-    if args.max_steps is not None:
-        pairs.append(f"max_steps={args.max_steps}")
+    if args.max_steps is not None:  # explicit steps: the preset's time budget no longer decides them
+        pairs += [f"max_steps={args.max_steps}", "time_budget_s=0"]
     if args.seed is not None:
         pairs.append(f"seed={args.seed}")
+    if getattr(args, "time_budget", None) is not None:
+        pairs.append(f"time_budget_s={args.time_budget}")
     pairs += [f"quant={args.quant}", f"inject_bug={args.inject_bug}"]
     cfg = cfg.with_overrides(pairs)
-    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.eval_interval < 1:
-        raise ValueError("max_steps, batch_size and eval_interval must be >= 1")
-    if cfg.learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if cfg.quant == "none" and cfg.fp_learning_rate > 0:  # the twin trains at its own tuned rate
+        cfg = cfg.with_overrides([f"learning_rate={cfg.fp_learning_rate}"])
+    check_config(cfg)
     return cfg
+
+
+def check_config(cfg):
+    """Values no run can train with, caught before a model is built: one-line ValueErrors naming the fix."""
+    for name in ("max_steps", "batch_size", "eval_interval"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}; pass e.g. --set {name}={getattr(type(cfg), name)}")
+    if not cfg.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}; pass e.g. --set learning_rate=3e-3")
+    if not cfg.checkpoint_interval_s >= 0:
+        raise ValueError(f"checkpoint_interval_s must be >= 0 seconds, got {cfg.checkpoint_interval_s}; e.g. --set checkpoint_interval_s=60")
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if heads < 1 or kv < 1 or cfg.hidden_size % heads or heads % kv:
+        raise ValueError(f"hidden_size {cfg.hidden_size} must divide by num_attention_heads {heads}, and that by "
+                         f"num_key_value_heads {kv}; change one with --set (e.g. num_attention_heads=4 num_key_value_heads=4)")
 
 
 def set_threads(n: int):
@@ -71,12 +106,14 @@ def set_threads(n: int):
 
 
 def run_main(main):
-    """Run `main()`, turning expected problems into one line on stderr and exit code 2."""
+    """Run `main()`, turning expected problems into one line on stderr and an exit code:
+    0 done, 2 bad input, 3 non-finite loss, 130/143 stopped by SIGINT/SIGTERM after saving."""
     try:
         return main()
-    except (TrainingError, ValueError, FileNotFoundError, UnicodeDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (TrainingError, ValueError, OSError, UnicodeDecodeError) as e:
+        code = getattr(e, "exit_code", 2)
+        print(f"{'stopped' if code > 128 else 'error'}: {e}", file=sys.stderr)
+        sys.exit(code)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
         sys.exit(130)
@@ -88,6 +125,7 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
     pair takes the wall time of one run. The ternary run prints live; the twin logs to a file.
     Returns {"ternary": summary, "fp": summary} read from each run's summary.json.
     """
+    import signal
     import subprocess
     import threading
 
@@ -117,16 +155,28 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
         pumps.append(t)
     print(f"twin run: ternary and full-precision models training side by side, {threads} thread(s) each; "
           f"the fp twin logs to {os.path.join(out_dir, 'fp', 'train.log')}", flush=True)
-    for t in pumps:
-        t.join()
-    failed = []
-    for name, (proc, log) in procs.items():
-        proc.wait()
-        log.close()
-        if proc.returncode != 0:
-            failed.append(f"{name} (exit {proc.returncode}, see {os.path.join(out_dir, name, 'train.log')})")
+    def forward(signum, frame):  # SIGTERM/SIGINT: both children save and stop (each ignores a repeat)
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    old_handlers = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for t in pumps:
+            t.join()
+        for proc, log in procs.values():
+            proc.wait()
+            log.close()
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+    failed = [f"{name} (exit {proc.returncode}, see {os.path.join(out_dir, name, 'train.log')})"
+              for name, (proc, _) in procs.items() if proc.returncode != 0]
     if failed:
-        raise TrainingError("twin run failed: " + "; ".join(failed))
+        codes = {proc.returncode for proc, _ in procs.values() if proc.returncode != 0}
+        err = TrainingError("twin run failed: " + "; ".join(failed))
+        err.exit_code = codes.pop() if len(codes) == 1 and codes <= {3, 130, 143} else 2  # both stopped alike: say so
+        raise err
     summaries = {}
     for name in procs:
         with open(os.path.join(out_dir, name, "summary.json")) as f:
@@ -134,14 +184,22 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
     return summaries
 
 
-def run_experiment(args, cfg, task, script: str, summarize, report, child_args: list[str] = ()):
+def run_experiment(args, cfg, task, script: str, summarize, report, child_args: list[str] = (), conclude=None):
+    """run_experiment_unlocked() while holding OUT_DIR's lock: one run writes an OUT_DIR at a time."""
+    with out_dir_lock(args.out_dir):
+        return run_experiment_unlocked(args, cfg, task, script, summarize, report, child_args, conclude)
+
+
+def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, child_args: list[str] = (),
+                            conclude=None):
     """The shared tail of both train scripts.
 
     Single run: train (with quantization health logged at each evaluation), write
     summary.json, print `report(summary)`, then probes, detectors and the verdict.
     --twin: run_twin() trains both models; then the side-by-side comparison and the verdict
     for the pair go to OUT_DIR (summary.json, verdict.json, loss_curves.png, ...).
-    `summarize(result) -> dict` and `report(summary)` are the experiment's own.
+    `summarize(result) -> dict` and `report(summary)` are the experiment's own; so is
+    `conclude({name: summary}, verdict) -> dict`, the last word printed, when given.
     """
     from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
     from .trainer import METRICS_NAME, load_checkpoint, model_from_checkpoint, train
@@ -160,13 +218,16 @@ def run_experiment(args, cfg, task, script: str, summarize, report, child_args: 
                                metrics_paths={"ternary": os.path.join(runs["ternary"], METRICS_NAME),
                                               "fp twin": os.path.join(runs["fp"], METRICS_NAME)},
                                learning_kwargs=task.learning_kwargs, **task.diagnosis_inputs(model))
+        outcome = conclude(summaries, verdict) if conclude else {}
         write_json_atomic(os.path.join(args.out_dir, "summary.json"),
                           {"ternary": summaries["ternary"], "fp": summaries["fp"], "comparison": comparison,
-                           "verdict": verdict["verdict"], "suspected_bugs": verdict["suspected_bugs"]})
-        return {"summaries": summaries, "comparison": comparison, "verdict": verdict}
+                           "verdict": verdict["verdict"], "suspected_bugs": verdict["suspected_bugs"], **outcome})
+        return {"summaries": summaries, "comparison": comparison, "verdict": verdict, **outcome}
 
     tracker = QuantHealthTracker(lambda: task.get_batch(0, 8)) if cfg.quant == "ternary" else None
-    result = train(cfg, task, args.out_dir, device=args.device, resume=args.resume, quiet=args.quiet, on_eval=tracker)
+    resume = previous_checkpoint(os.path.join(args.out_dir, CKPT_NAME)) if args.resume_from_previous else args.resume
+    with stop_on_signals():  # SIGTERM/SIGINT: save a checkpoint after the current step, exit 143/130
+        result = train(cfg, task, args.out_dir, device=args.device, resume=resume, quiet=args.quiet, on_eval=tracker)
     summary = summarize(result)
     write_json_atomic(os.path.join(args.out_dir, "summary.json"), summary)
     if args.no_verdict:  # a twin's child: the parent reports both runs together
@@ -176,4 +237,5 @@ def run_experiment(args, cfg, task, script: str, summarize, report, child_args: 
     verdict = diagnose_run(model, result["history"], out_dir=args.out_dir,
                            metrics_paths={cfg.quant: os.path.join(args.out_dir, METRICS_NAME)},
                            learning_kwargs=task.learning_kwargs, **task.diagnosis_inputs(model))
-    return {"summary": summary, "verdict": verdict}
+    outcome = conclude({cfg.quant: summary}, verdict) if conclude else {}
+    return {"summary": summary, "verdict": verdict, **outcome}

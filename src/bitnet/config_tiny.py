@@ -26,6 +26,9 @@ class BitNetConfig:
     # --- training ---
     batch_size: int = 256
     learning_rate: float = 3e-3
+    # The full-precision twin's own tuned rate (0 = learning_rate): ternary weights want a higher
+    # rate than fp ones, so one shared rate would handicap one of the two.
+    fp_learning_rate: float = 0.0
     min_lr_ratio: float = 0.1  # final lr = learning_rate * min_lr_ratio
     warmup_steps: int = 100
     max_steps: int = 3000
@@ -40,6 +43,11 @@ class BitNetConfig:
     dtype: str = "auto"  # "auto" (bf16 autocast where supported), "bf16" or "fp32"
     compile: bool = False  # torch.compile the training step: fuses the quantizers' elementwise ops
     eval_interval: int = 250
+    # Time budget (seconds; 0 = off): after warm-up the run measures its own speed and sets
+    # max_steps (and so the schedule) to fill the budget, so a faster machine trains longer.
+    time_budget_s: float = 0.0
+    stop_when_solved: bool = False  # stop at the first evaluation where the task says solved()
+    checkpoint_interval_s: float = 60.0  # save at least this often (seconds), besides at every evaluation
     seed: int = 1337
 
     @property
@@ -84,6 +92,9 @@ class BitNetConfigArithmetic(BitNetConfig):
     div_max: int = 12  # '/' divisor 1..div_max, quotient 0..div_max
     operators: str = "+-*/"
     operator_weights: str = ""  # training mix, e.g. "3,3,1,1"; "" = equal. Evaluation is per operator.
+    # Share of '+'/'-' training problems whose operands are drawn digit count first (1- and 2-digit
+    # equally often) rather than uniformly (where 90% are 2-digit). Evaluation stays uniform.
+    balance_digits: float = 0.0
     heldout_fraction: float = 0.1  # share of '+'/'-' problems never trained on
     eval_problems: int = 400  # per operator, per split, at each evaluation
     train_on: str = "answer"  # loss on the "answer" tokens only, or on "all" tokens
@@ -91,20 +102,30 @@ class BitNetConfigArithmetic(BitNetConfig):
 
 @dataclass
 class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
-    """A smaller preset (~0.85M) for 2 CPU cores: the launcher's twin pair finishes in ~10 minutes."""
+    """A smaller preset (~0.85M) for 2 CPU cores: the launcher's twin pair finishes in < 10 minutes.
+
+    Measured on 2-core CPUs (RESULTS.md, "Arithmetic recipe"): with operands drawn half uniformly and
+    half digit-count-balanced, a 2,500-step cosine solved every operator at ~2,000-2,250 steps, where a
+    4,000-step cosine took ~3,500 and uniform operands longer still. The run stops at the first
+    evaluation where every operator scores >= 99.5% on the validation sets, or when the budget is spent.
+    """
     hidden_size: int = 128
     intermediate_size: int = 384
     num_hidden_layers: int = 4
     num_attention_heads: int = 8  # more heads helped: each answer digit attends to a different operand digit
     num_key_value_heads: int = 8
-    batch_size: int = 64
-    learning_rate: float = 5e-3
+    batch_size: int = 64  # batch 256 at lr 8e-3 learned less per problem at the same problems/s
+    learning_rate: float = 5e-3  # 8e-3 stalled on '+' for 1,000+ steps
+    fp_learning_rate: float = 2e-3  # the fp twin at 1.5e-3, 2e-3 and 3e-3 learned alike (RESULTS.md); 5e-3 lagged far behind
     min_lr_ratio: float = 0.02  # a near-zero final rate stops late ternary flips from costing accuracy
-    max_steps: int = 3400
+    max_steps: int = 2500  # the schedule; the time budget shortens it on a slow machine
     warmup_steps: int = 100
-    eval_interval: int = 500  # each evaluation costs ~7 s of the 10-minute budget
+    eval_interval: int = 250
+    time_budget_s: float = 510.0  # per model; with start-up and the verdict the launcher stays under 10 min
+    stop_when_solved: bool = True
     compile: bool = True  # ~1.5x faster steps on a CPU after ~1 minute of compiling
     operator_weights: str = "3,3,2,1"  # '+'/'-' need an algorithm; '*'/'/' are 325 facts to memorise
+    balance_digits: float = 0.5  # 1.0 (all balanced) learned '+' slower: too few 2-digit sums
 
 
 @dataclass
@@ -148,7 +169,8 @@ class BitNetConfigTinyCPU(BitNetConfigTiny):
     batch_size: int = 4
     learning_rate: float = 2.5e-3
     warmup_steps: int = 50
-    max_steps: int = 3200  # ~1 ms/token per process here: ~28 minutes for the pair
+    max_steps: int = 3200  # replaced by what the time budget buys (measured after warm-up)
+    time_budget_s: float = 1560.0  # 26 minutes per model: with the tokenizer and the verdict, ~30 for the launcher
     dropout: float = 0.0
     eval_interval: int = 800
     eval_tokens: int = 65536

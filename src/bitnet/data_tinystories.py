@@ -89,6 +89,8 @@ def _file_stories(path: str, chunk_bytes: int) -> Iterator[str]:
             parts = (buf + chunk).split(sep)
             buf = parts.pop() if chunk else b""  # the last part may continue in the next chunk
             for part in parts:
+                if b"\0" in part:
+                    raise ValueError(binary_error(path, offset + part.index(b"\0")))
                 try:
                     story = normalize_story(part.decode("utf-8"))
                 except UnicodeDecodeError as e:
@@ -105,6 +107,11 @@ def _file_stories(path: str, chunk_bytes: int) -> Iterator[str]:
                          f"followed by a line {EOT}")
 
 
+def binary_error(path: str, offset: int) -> str:
+    return (f"{path} looks like a binary file (a NUL byte at byte offset {offset}), not text; "
+            f"expected UTF-8 text with each story followed by a line {EOT}")
+
+
 def read_text_file(path: str) -> str:
     """A whole official-format file as text (for round-trip checks and `evaluate --text`), with the
     same one-line errors as the story reader for a missing file, non-UTF-8 bytes or no stories."""
@@ -112,6 +119,8 @@ def read_text_file(path: str) -> str:
     _check_file(path)
     with open(path, "rb") as f:
         data = f.read()
+    if b"\0" in data:
+        raise ValueError(binary_error(path, data.index(b"\0")))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -294,8 +303,8 @@ def build_token_cache(source, tok, path: str) -> int:
     t0, n_tokens = time.time(), 1
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.array([tok.token_to_id(EOT)], dtype=np.uint16).tofile(f)
-        stories = tqdm(iter_stories(source), desc=f"tokenizing {source}", unit=" stories",
-                       file=sys.stderr, mininterval=2.0, leave=False)
+        stories = tqdm(iter_stories(source), desc=f"tokenizing {source}", unit=" stories",  # delay: no bar for
+                       file=sys.stderr, mininterval=2.0, leave=False, delay=2.0)  # a quick job or a bad file's error
         for batch in iter(lambda it=iter(stories): list(itertools.islice(it, 1024)), []):
             ids = encode_stories(tok, batch)
             ids.tofile(f)

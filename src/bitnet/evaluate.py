@@ -6,6 +6,8 @@
     python -m bitnet.evaluate --checkpoint runs/tinystories/ternary --text valid.txt
         FILE: stories in the official format (each followed by a line <|endoftext|>).
         -> {"n_tokens": ..., "val_loss": ..., "bits_per_byte": ...}
+A twin run's OUT (holding ternary/ and fp/) evaluates both models and prints them side by side;
+the JSON line then holds the ternary figures, with the twin's under "fp".
 """
 import argparse
 import json
@@ -15,7 +17,7 @@ import torch
 
 from .cli import run_main
 from .data_arithmetic import format_prompt, parse_problem
-from .generate import load_for_inference
+from .generate import KERNEL_CHOICES, load_for_inference, runs_at
 
 
 def read_problems(path: str, encode) -> list[tuple[str, str, int]]:
@@ -71,26 +73,48 @@ def evaluate_arithmetic(model, codec, path: str, device) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description="Score a trained run on a file.")
-    p.add_argument("--checkpoint", required=True, help="a run's OUT_DIR (or its ckpt.pt)")
+    p.add_argument("--checkpoint", required=True, help="a run's OUT_DIR (or its ckpt.pt), or a transformers BitNet folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--arithmetic", metavar="FILE", help="problems like '12 + 7 = 19', one per line")
     src.add_argument("--text", metavar="FILE", help="stories in the official <|endoftext|> format")
     p.add_argument("--max-tokens", type=int, default=0, help="--text: score at most this many tokens (0 = all)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES, help="2-bit folders: matmul path (see packing.py)")
     args = p.parse_args()
-    model, codec, ckpt = load_for_inference(args.checkpoint, args.device)
+    results = {label: evaluate_run(path, args) for label, path in runs_at(args.checkpoint).items()}
+    if len(results) > 1:
+        print(side_by_side(results))
+        result = {**results["ternary"], "fp": results["fp twin"]}
+    else:
+        result = next(iter(results.values()))
+    print(json.dumps(result))
+
+
+def evaluate_run(path: str, args) -> dict:
+    model, codec, ckpt = load_for_inference(path, args.device, args.kernel)
     task = ckpt["task"]["task"]
     if args.arithmetic:
         if task != "arithmetic":
             raise ValueError(f"--arithmetic needs an arithmetic run; {args.checkpoint} is a {task} run (use --text)")
-        result = evaluate_arithmetic(model, codec, args.arithmetic, args.device)
-    else:
-        if task != "tinystories":
-            raise ValueError(f"--text needs a TinyStories run; {args.checkpoint} is a {task} run (use --arithmetic)")
-        from .data_tinystories import read_text_file, text_metrics, tokenizer_from_identity
-        text = read_text_file(args.text)
-        result = text_metrics(model, tokenizer_from_identity(ckpt["task"]), text, args.device, args.max_tokens)
-    print(json.dumps(result))
+        return evaluate_arithmetic(model, codec, args.arithmetic, args.device)
+    if task not in ("tinystories", "text"):
+        raise ValueError(f"--text needs a TinyStories run; {args.checkpoint} is a {task} run (use --arithmetic)")
+    from .data_tinystories import read_text_file, text_metrics, tokenizer_from_identity
+    text = read_text_file(args.text)
+    return text_metrics(model, tokenizer_from_identity(ckpt["task"]), text, args.device, args.max_tokens)
+
+
+def side_by_side(results: dict[str, dict]) -> str:
+    """One row per figure, one column per model."""
+    def flat(r):
+        return {**{k: v for k, v in r.items() if not isinstance(v, dict)},
+                **{f"{k} {op}": x for k, v in r.items() if isinstance(v, dict) for op, x in v.items()}}
+    cols = {label: flat(r) for label, r in results.items()}
+    keys = list(next(iter(cols.values())))
+    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    rows = [f"{'':<14}" + "".join(f"{label:>14}" for label in cols)]
+    rows += [f"{k:<14}" + "".join(f"{fmt(c.get(k)):>14}" for c in cols.values()) for k in keys]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,21 @@ Everything else (schedule, AdamW, clipping, autocast, evaluation cadence, metric
 atomic checkpoints, resume, NaN stop) lives here.
 """
 import contextlib
+import fcntl
 import json
 import math
 import os
+import pickle
+import random
+import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import asdict
+import warnings
+from dataclasses import asdict, replace
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -28,7 +36,21 @@ METRICS_NAME = "metrics.jsonl"
 
 
 class TrainingError(RuntimeError):
-    """A problem the user must act on; the CLI prints its one-line message and exits."""
+    """A problem the user must act on; the CLI prints its one-line message and exits with `exit_code`."""
+    exit_code = 2
+
+
+class NonFiniteLoss(TrainingError):
+    """The loss or the gradient became NaN/Inf: stopped before the update, exit code 3."""
+    exit_code = 3
+
+
+def non_finite_error(what: str, value: float, step: int, cfg: BitNetConfig, bf16: bool, ckpt_path: str) -> NonFiniteLoss:
+    kept = f"last good checkpoint kept: {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
+    causes = f"learning_rate too high (now {cfg.learning_rate:g}; try --set learning_rate={cfg.learning_rate / 2:g})"
+    causes += " or bf16 overflow (try --set dtype=fp32)" if bf16 else " or bad data"
+    return NonFiniteLoss(f"{what} became {value} at step {step}; stopped before the update ({kept}). "
+                         f"Likely cause: {causes}")
 
 
 def pick_device(device: str) -> torch.device:
@@ -105,11 +127,6 @@ def atomic_path(path: str):
             os.remove(tmp)
 
 
-def save_atomic(obj, path: str):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def write_lines_atomic(path: str, lines: list[str]):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(lines)
@@ -121,19 +138,266 @@ def write_json_atomic(path: str, obj, default=float):
         json.dump(obj, f, indent=2, default=default)
 
 
+# ----------------------------------------------------------------------------- checkpoints
+# A checkpoint holds only tensors and plain Python data (dicts, lists, str, numbers), so it loads
+# with torch.load(weights_only=True): a file from a stranger cannot run code when it is opened.
+PREV_CKPT_NAME = "ckpt.prev.pt"
+# Test-only: seconds to sleep inside the writer after the new file is written and before it is
+# renamed into place, so bench/chaos.py can aim kill -9s at a checkpoint write. Never set it otherwise.
+SAVE_DELAY_ENV = "BITNET_TEST_SAVE_DELAY_S"
+
+
+def previous_checkpoint(path: str) -> str:
+    """OUT_DIR/ckpt.prev.pt beside OUT_DIR/ckpt.pt: the good checkpoint before the latest one."""
+    return os.path.join(os.path.dirname(path), PREV_CKPT_NAME)
+
+
+def save_checkpoint(obj: dict, path: str, keep_previous: bool = True):
+    """Write `obj` to `path` so that a kill or a full disk at any moment leaves a loadable file:
+    a temporary file, fsync'd, then renamed over `path`. With `keep_previous` the checkpoint it
+    replaces stays as ckpt.prev.pt (a hard link made first, so `path` itself never goes missing).
+    An OSError (disk full, permissions) becomes a one-line TrainingError; the old files are intact."""
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if keep_previous and os.path.exists(path):
+                with atomic_path(previous_checkpoint(path)) as prev_tmp:
+                    try:
+                        os.link(path, prev_tmp)
+                    except OSError:  # a filesystem without hard links
+                        shutil.copyfile(path, prev_tmp)
+            delay = float(os.environ.get(SAVE_DELAY_ENV) or 0)
+            if delay > 0:
+                time.sleep(delay)
+        _fsync_dir(os.path.dirname(path) or ".")
+    except OSError as e:
+        raise TrainingError(f"could not write checkpoint {path} ({e.strerror or e}); free disk space or fix the "
+                            f"folder's permissions, then continue with --resume (the previous checkpoint is intact)") from None
+
+
+def _fsync_dir(folder: str):
+    """Make a rename in `folder` durable (a power cut after it would otherwise undo it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_states() -> dict:
+    """Every random generator training may draw from (dropout uses torch's), as tensors and JSON text."""
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"rng_state": torch.get_rng_state(),
+              "rng_state_python": json.dumps([version, list(state), gauss]),
+              "rng_state_numpy": json.dumps([name, keys.tolist(), int(pos), int(has_gauss), float(cached)])}
+    if torch.cuda.is_available():
+        states["rng_state_cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(ckpt: dict):
+    torch.set_rng_state(ckpt["rng_state"])
+    if "rng_state_python" in ckpt:
+        version, state, gauss = json.loads(ckpt["rng_state_python"])
+        random.setstate((version, tuple(state), gauss))
+    if "rng_state_numpy" in ckpt:
+        name, keys, pos, has_gauss, cached = json.loads(ckpt["rng_state_numpy"])
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "rng_state_cuda" in ckpt and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng_state_cuda"])
+
+
 def load_checkpoint(path: str) -> dict:
-    """Load OUT_DIR/ckpt.pt (or a path to the file itself) with a one-line error when it is not one."""
+    """Load OUT_DIR/ckpt.pt (or a path to the file itself) with a one-line error when it is not one.
+    Only tensors and plain data are unpickled (weights_only=True): a crafted file is refused, never run."""
     if os.path.isdir(path):
         path = os.path.join(path, CKPT_NAME)
     if not os.path.exists(path):
         raise TrainingError(f"no checkpoint at {path}; pass the run's --out-dir (it holds {CKPT_NAME})")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on foreign files
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused something: code (a GLOBAL) or garbage
+        raise TrainingError(f"{path} was not loaded: weights_only refused it ({_refusal_reason(e)}); it holds "
+                            f"objects other than tensors and plain data, whose unpickling could run code, or it "
+                            f"is damaged; use a checkpoint written by bitnet-tiny{_previous_hint(path)}") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise TrainingError(f"{path} is not a readable checkpoint ({type(e).__name__}); was the run interrupted while saving?") from None
+        raise TrainingError(f"{path} is not a readable checkpoint ({type(e).__name__}); was the run interrupted "
+                            f"while saving?{_previous_hint(path)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise TrainingError(f"{path} is not a bitnet-tiny checkpoint (no 'model'/'config' entries)")
+    if isinstance(ckpt.get("history"), str):  # stored as JSON text: metrics may hold numpy floats
+        ckpt["history"] = json.loads(ckpt["history"])
     return ckpt
+
+
+def _refusal_reason(e: Exception) -> str:
+    """The one informative line of torch's long weights_only message, e.g. 'unsupported GLOBAL posix.system'."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if ln.startswith(("Trying to load", "Unsupported", "Weights only load failed:"))]
+    return (useful[-1] if useful else lines[-1] if lines else type(e).__name__)[:160].rstrip(".")
+
+
+def _previous_hint(path: str) -> str:
+    """Name OUT_DIR/ckpt.prev.pt when `path` is OUT_DIR/ckpt.pt and the previous one loads."""
+    prev = previous_checkpoint(path)
+    if os.path.basename(path) != CKPT_NAME or not os.path.exists(prev):
+        return ""
+    try:
+        load_checkpoint(prev)
+    except TrainingError:
+        return f" The previous checkpoint {prev} is unreadable too"
+    return (f" The previous good checkpoint is {prev}: continue from it with --resume-from-previous, "
+            f"or pass it to --checkpoint")
+
+
+def checkpoint_contents(model, opt, step: int, cfg, task, history: list, train_state: dict, on_eval=None) -> dict:
+    """What a checkpoint holds: enough to continue bit for bit (weights, AdamW moments, step, which
+    fixes the schedule and the data position, every RNG state, the loss averages, the on_eval hook's
+    state) and to rebuild the model and tokenizer for inference. No grad scaler: bf16 autocast needs
+    none, and fp16 is not offered."""
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "config": asdict(cfg), "config_class": type(cfg).__name__, "task": task.identity(),
+            "history": json.dumps(history, default=float), "train_state": dict(train_state),
+            "on_eval": on_eval.state_dict() if hasattr(on_eval, "state_dict") else None, **rng_states()}
+
+
+def seed_everything(seed: int):
+    """torch (CPU and CUDA), Python's random and numpy's global generator."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ----------------------------------------------------------------------------- one writer per OUT_DIR
+LOCK_NAME = "run.lock"
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir: str):
+    """Hold OUT_DIR/run.lock (it holds the PID) while a run writes OUT_DIR; a second run refuses to start.
+    The lock is an flock, which the kernel drops when its process dies, so a lock left behind by
+    a killed run is simply taken over. Leftover temporary files of dead runs are removed."""
+    lock_path = os.path.join(out_dir, LOCK_NAME)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = _take_lock(lock_path)
+    except OSError as e:
+        raise TrainingError(f"cannot write to --out-dir {out_dir} ({e.strerror or e}); "
+                            f"choose a folder you can write to") from None
+    if fd is None:
+        try:
+            with open(lock_path) as f:
+                holder = f.read().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise TrainingError(f"{out_dir} is in use by another run (pid {holder}, lock {lock_path}); "
+                            f"wait for it to finish, stop it, or use another --out-dir")
+    try:
+        _remove_stale_temp_files(out_dir)
+        yield
+    finally:
+        os.remove(lock_path)  # before releasing the flock, so no one locks a file about to vanish
+        os.close(fd)
+
+
+def _take_lock(lock_path: str) -> int | None:
+    """An fd holding the flock on `lock_path` with our PID written in it, or None if a live process holds it."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:  # the holder we waited on may have removed the file: then lock the new one instead
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _remove_stale_temp_files(out_dir: str):
+    """atomic_path's NAME.tmp.PID files whose writer is gone (a kill mid-save); we are the only writer now."""
+    for name in os.listdir(out_dir):
+        stem, sep, pid = name.rpartition(".tmp.")
+        path = os.path.join(out_dir, name)
+        if sep and stem and pid.isdigit() and os.path.isfile(path) and not _process_alive(int(pid)):
+            os.remove(path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- SIGTERM / SIGINT
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_stop_signal: list[int] = []  # the signal received while stop_on_signals() is active, if any
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside: SIGTERM and SIGINT ask train() to save a checkpoint after the current step and
+    raise Interrupted (exit 143 / 130). Outside, both keep their usual effect."""
+    def ask(signum, frame):
+        if not _stop_signal:
+            _stop_signal.append(signum)
+            try:  # stderr may be a pipe whose reader is gone: that must not stop the save
+                print(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping",
+                      file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+    if threading.current_thread() is not threading.main_thread():  # handlers can only live there
+        yield
+        return
+    old = {s: signal.signal(s, ask) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        _stop_signal.clear()
+
+
+class Interrupted(TrainingError):
+    """SIGTERM or SIGINT: the checkpoint is saved; exit 128 + the signal's number, as a shell would."""
+
+    def __init__(self, signum: int, step: int, ckpt_path: str):
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; saved {ckpt_path}; "
+                         f"continue with --resume")
+
+
+def find_runs(path: str) -> tuple[str, str | None, str]:
+    """(ternary run, twin run or None, folder for verdict.json and PNGs).
+
+    `path` is a run folder or its ckpt.pt. The twin layout OUT/ternary + OUT/fp is recognised
+    from OUT or from OUT/ternary; anything else is a single run reported into its own folder."""
+    run_dir = path.rstrip("/") if os.path.isdir(path) else os.path.dirname(path) or "."
+    if os.path.isdir(os.path.join(run_dir, "ternary")):
+        root, ternary = run_dir, os.path.join(run_dir, "ternary")
+    elif os.path.basename(run_dir) == "ternary":
+        root, ternary = os.path.dirname(run_dir) or ".", path
+    else:
+        return path, None, run_dir
+    twin = os.path.join(root, "fp")
+    return ternary, (twin if os.path.isdir(twin) else None), root
 
 
 def build_model(cfg: BitNetConfig) -> BitNetForCausalLM:
@@ -148,10 +412,90 @@ def build_model(cfg: BitNetConfig) -> BitNetForCausalLM:
 def model_from_checkpoint(ckpt: dict, device="cpu") -> BitNetForCausalLM:
     from . import config_tiny
     cls = getattr(config_tiny, ckpt.get("config_class", "BitNetConfig"), config_tiny.BitNetConfig)
-    cfg = cls(**ckpt["config"])
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    try:
+        cfg = cls(**ckpt["config"])
+        model = build_model(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:  # a config from another version, or weights of another shape
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(f"the checkpoint's weights do not fit its config {cls.__name__} ({first[:200]}); "
+                            f"it was written by another version or edited; retrain or use the matching version") from None
     return model.to(device).eval()
+
+
+def forget_metrics_after(metrics_path: str, step: int):
+    """Drop metrics.jsonl lines logged after `step` (the checkpoint's), so the log matches it."""
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            keep = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
+        write_lines_atomic(metrics_path, keep)
+
+
+def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str, on_eval=None) -> tuple[int, list, dict]:
+    """Load a checkpoint into `model` and `opt` for --resume, after checking it belongs to this run
+    (same task, tokenizer and config), and restore every RNG state. Returns (step, history, train_state)."""
+    if not os.path.exists(ckpt_path):
+        prev = previous_checkpoint(ckpt_path)
+        also = (f" ({prev} exists: continue from it with --resume-from-previous)"
+                if os.path.basename(ckpt_path) == CKPT_NAME and os.path.exists(prev) else "")
+        raise TrainingError(f"--resume: no checkpoint at {ckpt_path}; start without --resume{also}")
+    ckpt = load_checkpoint(ckpt_path)
+    saved_task, task_now = ckpt.get("task") or {}, task.identity()
+    if saved_task != task_now:
+        diff = sorted(k for k in set(saved_task) | set(task_now) if saved_task.get(k) != task_now.get(k))
+        raise TrainingError(f"--resume: {ckpt_path} was trained with a different task/tokenizer (differs in {diff}); "
+                            f"use a new --out-dir or the original data and tokenizer")
+    saved = dict(ckpt["config"])
+    for k in RESUME_MAY_CHANGE:
+        saved[k] = getattr(cfg, k)
+    if saved != asdict(cfg):
+        diff = sorted(k for k in set(saved) | set(asdict(cfg)) if saved.get(k) != asdict(cfg).get(k))
+        raise TrainingError(f"--resume: the config differs from the checkpoint's in {diff}; drop those overrides")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    restore_rng_states(ckpt)
+    if ckpt.get("on_eval") is not None and hasattr(on_eval, "load_state_dict"):
+        on_eval.load_state_dict(ckpt["on_eval"])
+    step = ckpt["step"]
+    forget_metrics_after(metrics_path, step)
+    return step, ckpt.get("history", []), ckpt.get("train_state", {})
+
+
+RESUME_MAY_CHANGE = ("max_steps", "eval_interval", "checkpoint_interval_s", "time_budget_s")  # the only fields a resume may change
+
+
+class TimeBudget:
+    """Fits max_steps to `cfg.time_budget_s` from the speed measured after warm-up.
+
+    The plan is made once, when warm-up ends (the learning rate does not depend on max_steps
+    before then): steps = what the remaining time buys at the measured steps/s, less the cost
+    of the evaluations those steps bring (timed on the first one); with stop_when_solved, at most
+    the preset's max_steps. `over()` is the hard stop.
+    """
+
+    def __init__(self, cfg: BitNetConfig, start_step: int):
+        self.budget, self.t0 = cfg.time_budget_s, time.time()
+        self.plan_at = start_step + max(cfg.warmup_steps, 20)
+        self.rate_from = None  # (step, time) once the first steps (and any compile) are behind
+        self.eval_s = 0.0
+
+    def after_step(self, cfg: BitNetConfig, step: int, start_step: int) -> BitNetConfig:
+        if not self.budget:
+            return cfg
+        if step == start_step + 5:
+            self.rate_from = (step, time.time())
+        if step == self.plan_at and self.rate_from:
+            s0, t_s0 = self.rate_from
+            sec_per_step = (time.time() - t_s0) / max(1, step - s0)
+            remaining = self.budget - (time.time() - self.t0) - 2 * self.eval_s  # the final eval + margin
+            steps = max(step + 1, step + int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval)))
+            # A task that can be solved keeps its preset's (measured) schedule when the budget buys
+            # more: a longer cosine would only anneal later and solve later. Otherwise fill the budget.
+            cfg = replace(cfg, max_steps=min(steps, cfg.max_steps) if cfg.stop_when_solved else steps)
+        return cfg
+
+    def over(self) -> bool:
+        return bool(self.budget) and time.time() - self.t0 > self.budget - self.eval_s
 
 
 def evaluate_and_log(model, task, device, step, cfg, log_fn, amp) -> dict:
@@ -175,34 +519,18 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     metrics_path = os.path.join(out_dir, METRICS_NAME)
     log = (lambda s: None) if quiet else (lambda s: tqdm.write(s, file=sys.stdout))
 
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     model = build_model(cfg).to(dev)
     opt = make_optimizer(model, cfg, dev)
     step, history = 0, []
-    if resume:
-        if not os.path.exists(ckpt_path):
-            raise TrainingError(f"--resume: no checkpoint at {ckpt_path}; start without --resume")
-        ckpt = load_checkpoint(ckpt_path)
-        saved_task, task_now = ckpt.get("task") or {}, task.identity()
-        if saved_task != task_now:
-            diff = sorted(k for k in set(saved_task) | set(task_now) if saved_task.get(k) != task_now.get(k))
-            raise TrainingError(f"--resume: {ckpt_path} was trained with a different task/tokenizer (differs in {diff}); "
-                                f"use a new --out-dir or the original data and tokenizer")
-        saved = dict(ckpt["config"])
-        for k in ("max_steps", "eval_interval"):  # the only fields a resume may change
-            saved[k] = getattr(cfg, k)
-        if saved != asdict(cfg):
-            diff = sorted(k for k in saved if saved[k] != asdict(cfg).get(k))
-            raise TrainingError(f"--resume: the config differs from the checkpoint's in {diff}; drop those overrides")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_state"])
-        step, history = ckpt["step"], ckpt.get("history", [])
-        if os.path.exists(metrics_path):  # forget what was logged after the checkpoint
-            with open(metrics_path) as f:
-                keep = [ln for ln in f if json.loads(ln).get("step", 0) <= step]
-            write_lines_atomic(metrics_path, keep)
-        log(f"resumed from {ckpt_path} at step {step}")
+    train_state, keep_previous = {}, True
+    if resume:  # True: OUT_DIR/ckpt.pt; a path: that checkpoint (e.g. ckpt.prev.pt when ckpt.pt is damaged)
+        source = ckpt_path if resume is True else str(resume)
+        step, history, train_state = restore_run(source, cfg, task, model, opt, metrics_path, on_eval)
+        if train_state.get("planned_max_steps"):  # a time-budgeted run keeps the plan it made
+            cfg = replace(cfg, max_steps=train_state["planned_max_steps"], time_budget_s=0.0)
+        keep_previous = source == ckpt_path  # a damaged ckpt.pt must not become the new "previous good" one
+        log(f"resumed from {source} at step {step}")
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log
 
@@ -218,10 +546,26 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         with open(metrics_path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
+    saved = {"step": step, "time": time.time()}  # the latest checkpoint on disk
+
     def checkpoint():
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                     "config": asdict(cfg), "config_class": type(cfg).__name__, "task": task.identity(),
-                     "rng_state": torch.get_rng_state(), "history": history}, ckpt_path)
+        nonlocal keep_previous
+        contents = checkpoint_contents(model, opt, step, cfg, task, history,
+                                       {"first_loss": first_loss, "loss_ema": loss_ema,
+                                        "planned_max_steps": cfg.max_steps if planned else 0}, on_eval)
+        try:
+            save_checkpoint(contents, ckpt_path, keep_previous)
+        except TrainingError:
+            bar.close()
+            forget_metrics_after(metrics_path, saved["step"])  # the log stays in step with the checkpoint
+            raise
+        saved.update(step=step, time=time.time())
+        keep_previous = True
+
+    def non_finite(what: str, value: float) -> NonFiniteLoss:
+        bar.close()
+        record({"kind": "error", "step": step, "error": f"non-finite {what}"})
+        return non_finite_error(what, value, step, cfg, isinstance(amp, torch.autocast), ckpt_path)
 
     def run_eval():
         m = evaluate_and_log(model, task, dev, step, cfg, log, amp)
@@ -234,10 +578,16 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         record({"kind": "eval", **m})
         return m
 
+    solved = getattr(task, "solved", None) if cfg.stop_when_solved else None
+    budget, start_step, planned = TimeBudget(cfg, step), step, False
     model.train()
-    if step == 0:
+    if step == 0 and not history:
+        t_eval = time.time()
         run_eval()  # the loss at step 0 should sit near ln(vocab_size)
-    t0, tokens, first_loss, loss_ema = time.time(), 0, None, None
+        budget.eval_s = time.time() - t_eval
+    t0, tokens = time.time(), 0
+    first_loss, loss_ema = train_state.get("first_loss"), train_state.get("loss_ema")
+    saved["time"] = t0
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.quant}", disable=quiet,
                dynamic_ncols=True, file=sys.stderr, mininterval=2.0)
     while step < cfg.max_steps:
@@ -258,16 +608,12 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
                 _, loss = model(x, y)
         loss_val = loss.item()
         if not math.isfinite(loss_val):
-            bar.close()
-            record({"kind": "error", "step": step, "error": "non-finite loss"})
-            raise TrainingError(
-                f"loss became {loss_val} at step {step}; stopped ("
-                + (f"last good checkpoint kept in {out_dir}" if os.path.exists(ckpt_path) else "no checkpoint yet")
-                + "). "
-                f"Lower learning_rate (now {cfg.learning_rate:g}) or check the data")
+            raise non_finite("loss", loss_val)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        if not math.isfinite(grad_norm):  # stepping would write NaNs into the weights (and the next checkpoint)
+            raise non_finite("gradient norm", grad_norm)
         opt.step()
         step += 1
         tokens += x.numel()
@@ -279,12 +625,33 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
                     "tokens_per_s": tps, "elapsed_s": time.time() - t0})
             bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
-        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            run_eval()
+        if not planned:
+            planned_cfg = budget.after_step(cfg, step, start_step)
+            if planned_cfg is not cfg:
+                cfg, planned = planned_cfg, True
+                bar.total = cfg.max_steps
+                log(f"time budget {budget.budget:.0f} s: {cfg.max_steps} steps at the measured speed")
+        out_of_time = budget.over()
+        if step % cfg.eval_interval == 0 or step >= cfg.max_steps or out_of_time:
+            m = run_eval()
             checkpoint()
+            if solved is not None and solved(m):
+                log(f"solved at step {step}: every validation score >= {task.solve_target:.1%}; stopping")
+                break
+            if out_of_time:
+                log(f"time budget {budget.budget:.0f} s spent at step {step}; stopping")
+                break
+        elif time.time() - saved["time"] >= cfg.checkpoint_interval_s:
+            checkpoint()
+        if _stop_signal:  # SIGTERM/SIGINT under stop_on_signals(): save, then stop
+            if saved["step"] != step:
+                checkpoint()
+            bar.close()
+            raise Interrupted(_stop_signal[0], step, ckpt_path)
     bar.close()
     final = history[-1]
     elapsed = time.time() - t0
     return {"final": final, "history": history, "first_train_loss": first_loss, "last_train_loss": loss_ema,
+            "max_steps": cfg.max_steps, "solved": bool(solved and solved(final)),
             "elapsed_s": elapsed, "tokens_per_s": tokens / max(1e-9, elapsed), "n_params": n_params,
             "out_dir": out_dir, "model": model}

@@ -99,6 +99,13 @@ class QuantHealthTracker:
         self.history.append({"step": step, **metrics})
         return metrics
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs for the same flip rates (trainer.train checkpoints it)."""
+        return {"previous_signs": dict(self.previous_signs), "previous_step": self.previous_step}
+
+    def load_state_dict(self, state: dict):
+        self.previous_signs, self.previous_step = dict(state["previous_signs"]), state["previous_step"]
+
     def summarise(self, history: list[dict] | None = None) -> str:
         return summarise_quant_health(self.history if history is None else history)
 

@@ -6,27 +6,12 @@ import sys
 import torch
 import torch.nn as nn
 
-from ..trainer import CKPT_NAME, METRICS_NAME, TrainingError, load_checkpoint, model_from_checkpoint
+from ..trainer import CKPT_NAME, METRICS_NAME, TrainingError, find_runs, load_checkpoint, model_from_checkpoint
 from .detectors import learning_summary, run_detectors
 from .health import QuantHealthTracker, summarise_quant_health
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics
 from .probes import run_probes
 from .verdict import format_results, format_verdict, make_verdict, write_verdict
-
-def find_runs(path: str) -> tuple[str, str | None, str]:
-    """(ternary run, twin run or None, folder for verdict.json and PNGs).
-
-    `path` is a run folder or its ckpt.pt. The twin layout OUT/ternary + OUT/fp is recognised
-    from OUT or from OUT/ternary; anything else is a single run reported into its own folder."""
-    run_dir = path.rstrip("/") if os.path.isdir(path) else os.path.dirname(path) or "."
-    if os.path.isdir(os.path.join(run_dir, "ternary")):
-        root, ternary = run_dir, os.path.join(run_dir, "ternary")
-    elif os.path.basename(run_dir) == "ternary":
-        root, ternary = os.path.dirname(run_dir) or ".", path
-    else:
-        return path, None, run_dir
-    twin = os.path.join(root, "fp")
-    return ternary, (twin if os.path.isdir(twin) else None), root
 
 
 def run_history(run_path: str, ckpt: dict | None = None) -> list[dict]:
