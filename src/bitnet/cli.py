@@ -188,7 +188,9 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
               for name, (proc, _) in procs.items() if proc.returncode != 0]
     if failed:
         codes = {proc.returncode for proc, _ in procs.values() if proc.returncode != 0}
-        err = TrainingError("twin run failed: " + "; ".join(failed))
+        stopped = codes <= {130, 143}  # SIGINT/SIGTERM: each run saved its checkpoint
+        err = TrainingError(("twin run stopped (continue with --resume): " if stopped else "twin run failed: ")
+                            + "; ".join(failed))
         err.exit_code = codes.pop() if len(codes) == 1 and codes <= {3, 130, 143} else 2  # both stopped alike: say so
         raise err
     summaries = {}
