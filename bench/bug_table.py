@@ -46,7 +46,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default="runs/bugtable")
     p.add_argument("--max-steps", type=int, default=500)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3, 4, 5], help="correct-stack seeds (none: bugs only)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("extra", nargs="*", help="more train-script flags after --, e.g. -- --set batch_size=64")
     args = p.parse_args()

@@ -339,8 +339,6 @@ class FakeClock:
 
 
 def test_time_budget_plans_steps_from_the_measured_speed(arith_cfg, monkeypatch):
-    from dataclasses import replace
-
     import bitnet.trainer as trainer
     cfg = arith_cfg(time_budget_s=100.0, warmup_steps=10, eval_interval=50, max_steps=7)
     clock = FakeClock(0.0)
@@ -356,9 +354,16 @@ def test_time_budget_plans_steps_from_the_measured_speed(arith_cfg, monkeypatch)
     elapsed = clock.now - 1000.0
     want = 20 + int((100.0 - elapsed - 2 * 2.0) / (0.1 + 2.0 / 50))
     assert planned.max_steps == want and want > 400  # the budget, not the preset's 7 steps, sets the length
+    assert not budget.done
+    # the run got faster (0.05 s a step): 400 steps later the plan is made again from the speed since
+    for step in range(21, 420):
+        clock.now += 0.05
+        assert budget.after_step(planned, step, 0) is planned
+    clock.now += 0.05
+    again = budget.after_step(planned, 420, 0)
+    want = 420 + int((100.0 - (clock.now - 1000.0) - 2 * 2.0) / (0.05 + 2.0 / 50))
+    assert again.max_steps == want > planned.max_steps and budget.done
     assert not budget.over()
-    solvable = replace(cfg, stop_when_solved=True, max_steps=300)
-    assert budget.after_step(solvable, 20, 0).max_steps == 300  # a solvable task keeps its preset's schedule
     clock.now += 100.0
     assert budget.over()
 

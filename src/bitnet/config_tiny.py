@@ -107,10 +107,10 @@ class BitNetConfigArithmetic(BitNetConfig):
 class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
     """A smaller preset (~0.85M) for 2 CPU cores: the launcher's twin pair finishes in < 10 minutes.
 
-    Measured on 2-core CPUs (RESULTS.md, "Arithmetic recipe"): with operands drawn half uniformly and
-    half digit-count-balanced, a 2,500-step cosine solved every operator at ~2,000-2,250 steps, where a
-    4,000-step cosine took ~3,500 and uniform operands longer still. The run stops at the first
-    evaluation where every operator scores >= 99.5% on the validation sets, or when the budget is spent.
+    Measured on 2-core CPUs (RESULTS.md, issue 9): operands drawn half uniformly and half
+    digit-count-balanced learn '+'/'-' sooner than uniform ones; the accuracy rises with the cosine's
+    annealing, so the time budget sets the schedule's length. The run stops at the first evaluation
+    where every operator scores >= 99.5% on the validation sets, or when the budget is spent.
     """
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -121,7 +121,7 @@ class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
     learning_rate: float = 5e-3  # 8e-3 stalled on '+' for 1,000+ steps
     fp_learning_rate: float = 2e-3  # the fp twin at 1.5e-3, 2e-3 and 3e-3 learned alike (RESULTS.md); 5e-3 lagged far behind
     min_lr_ratio: float = 0.02  # a near-zero final rate stops late ternary flips from costing accuracy
-    max_steps: int = 2500  # the schedule; the time budget shortens it on a slow machine
+    max_steps: int = 2500  # without a time budget; with one, the budget sets the schedule
     warmup_steps: int = 100
     eval_interval: int = 250
     time_budget_s: float = 510.0  # per model; with start-up and the verdict the launcher stays under 10 min

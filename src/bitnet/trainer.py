@@ -471,42 +471,59 @@ RESUME_MAY_CHANGE = ("max_steps", "eval_interval", "checkpoint_interval_s", "tim
 
 
 class TimeBudget:
-    """Fits max_steps to `cfg.time_budget_s` from the speed measured after warm-up.
+    """Fits max_steps to `cfg.time_budget_s` from the speed measured during the run.
 
-    The plan is made once, when warm-up ends (the learning rate does not depend on max_steps
-    before then): steps = what the remaining time buys at the measured steps/s, less the cost
-    of the evaluations those steps bring (timed on the first one); with stop_when_solved, at most
-    the preset's max_steps. `over()` is the hard stop.
+    The plan is made when warm-up ends (the learning rate does not depend on max_steps before
+    then): steps = what the remaining time buys at the measured steps/s, less the cost of the
+    evaluations those steps bring (timed on the first one). The first steps run slower (compiling,
+    warming caches), so the plan is made once more `REPLAN_AFTER` steps later from the speed since;
+    the cosine moves a little there, early, while the rate is still near its peak. With
+    stop_when_solved an easy run still ends early, at its first solved evaluation. `over()` is the
+    hard stop.
     """
+
+    REPLAN_AFTER = 400
 
     def __init__(self, cfg: BitNetConfig, start_step: int):
         self.budget, self.t0 = cfg.time_budget_s, time.time()
-        self.plan_at = start_step + max(cfg.warmup_steps, 20)
+        first = start_step + max(cfg.warmup_steps, 20)
+        self.plan_at = [first, first + self.REPLAN_AFTER]
         self.rate_from = None  # (step, time) once the first steps (and any compile) are behind
         self.eval_s = 0.0
 
+    @property
+    def done(self) -> bool:
+        return not self.budget or not self.plan_at
+
     def after_step(self, cfg: BitNetConfig, step: int, start_step: int, ctx=None) -> BitNetConfig:
-        if not self.budget:
+        if self.done:
             return cfg
         if step == start_step + 5:
             self.rate_from = (step, time.time())
-        if step == self.plan_at and self.rate_from:
+        if step == self.plan_at[0] and self.rate_from:
+            self.plan_at.pop(0)
             s0, t_s0 = self.rate_from
-            sec_per_step = (time.time() - t_s0) / max(1, step - s0)
-            remaining = self.budget - (time.time() - self.t0) - 2 * self.eval_s  # the final eval + margin
+            now = time.time()
+            sec_per_step = (now - t_s0) / max(1, step - s0)
+            self.rate_from = (step, now)  # the next plan measures from here
+            remaining = self.budget - (now - self.t0) - 2 * self.eval_s  # the final eval + margin
             steps = max(step + 1, step + int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval)))
-            # A task that can be solved keeps its preset's (measured) schedule when the budget buys
-            # more: a longer cosine would only anneal later and solve later. Otherwise fill the budget.
             if ctx is not None and ctx.world_size > 1:  # every process takes the slowest one's plan
                 steps = int(-distributed.max_over_ranks(torch.tensor(-float(steps)), ctx))
-            cfg = replace(cfg, max_steps=min(steps, cfg.max_steps) if cfg.stop_when_solved else steps)
+            cfg = replace(cfg, max_steps=steps)
         return cfg
 
     def over(self, ctx=None) -> bool:
         over = bool(self.budget) and time.time() - self.t0 > self.budget - self.eval_s
-        if self.budget and ctx is not None and ctx.world_size > 1:  # stop together, or the collectives hang
-            over = bool(distributed.max_over_ranks(torch.tensor(float(over)), ctx))
-        return over
+        return all_agree(over, ctx) if self.budget and ctx is not None else over
+
+
+def all_agree(flag: bool, ctx) -> bool:
+    """`flag` on any process, for every process: a checkpoint or a stop is a collective under
+    torchrun, so one process deciding alone (its own clock, its own signal) would hang the rest."""
+    if ctx.world_size == 1:
+        return flag
+    return bool(distributed.max_over_ranks(torch.tensor(float(flag)), ctx))
 
 
 def evaluate_and_log(model, task, device, step, cfg, log_fn, amp) -> dict:
@@ -572,6 +589,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         nonlocal keep_previous
         task_state = distributed.gather_task_state(task, ctx)  # a collective: every process comes here
         if not ctx.is_main:
+            saved.update(step=step, time=time.time())  # keeps every process's save clock in step
             return
         contents = checkpoint_contents(model, opt, step, cfg, task, history,
                                        {"first_loss": first_loss, "loss_ema": loss_ema,
@@ -655,7 +673,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.1e}", tok_s=f"{tps:,.0f}",
                             mfu="n/a" if mfu is None else f"{mfu:.1%}", refresh=False)
         bar.update(1)
-        if not planned:
+        if not budget.done:
             planned_cfg = budget.after_step(cfg, step, start_step, ctx)
             if planned_cfg is not cfg:
                 cfg, planned = planned_cfg, True
@@ -671,13 +689,13 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             if out_of_time:
                 log(f"time budget {budget.budget:.0f} s spent at step {step}; stopping")
                 break
-        elif time.time() - saved["time"] >= cfg.checkpoint_interval_s:
+        elif all_agree(time.time() - saved["time"] >= cfg.checkpoint_interval_s, ctx):
             checkpoint()
-        if _stop_signal:  # SIGTERM/SIGINT under stop_on_signals(): save, then stop
+        if all_agree(bool(_stop_signal), ctx):  # SIGTERM/SIGINT under stop_on_signals(): save, then stop
             if saved["step"] != step:
                 checkpoint()
             bar.close()
-            raise Interrupted(_stop_signal[0], step, ckpt_path)
+            raise Interrupted(_stop_signal[0] if _stop_signal else signal.SIGTERM, step, ckpt_path)
     bar.close()
     final = history[-1]
     elapsed = time.time() - t0

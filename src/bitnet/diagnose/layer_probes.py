@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .reference import (layer_normalized, on_int8_grid, per_tensor_activation_quant,  # noqa: F401 - result is re-exported
-                        reference_activation_quant, reference_weight_quant, rel, result, rms_normalized,
+                        reference_activation_quant, reference_weight_quant, reference_weight_quant_per_row, rel, result, rms_normalized,
                         typical_error)
 from .watch import MatmulCall, Observation, observe, quiet_call
 
@@ -29,25 +29,35 @@ def near(a: float, b: float, tol: float = 1e-3) -> bool:
     return abs(a - b) <= tol * abs(b)
 
 
+def one_magnitude(b: torch.Tensor) -> bool:
+    nonzero = b[b != 0].abs()
+    return nonzero.numel() > 0 and float(nonzero.max() - nonzero.min()) <= 1e-5 * float(nonzero.max())
+
+
 def check_weight_operand(call: MatmulCall | None, latent: torch.Tensor) -> dict:
     """The weight the matmul receives is ternary times one scale, in the pattern of
-    round(W / mean|W|), and that scale is mean|W| (or 1: integer levels, rescaled after)."""
+    round(W / mean|W|), and that scale is mean|W| (or 1: integer levels, rescaled after).
+    One scale per output row (mean|W| of the row) is accepted as a variant of the recipe."""
     name = "weights_ternary"
     if call is None:
         return result(name, True, {"note": "no F.linear/matmul with this layer's weight shape was seen"})
     b, w = call.weight.double(), latent.detach().double()
-    mean_abs = float(w.abs().mean().clamp(min=1e-5))
-    want = (w / mean_abs).round().clamp(-1, 1)
-    nonzero = b[b != 0].abs()
-    zero_share, want_zero_share = float((b == 0).double().mean()), float((want == 0).double().mean())
-    ev = {"zero_share": zero_share, "expected_zero_share": want_zero_share, "latent_mean_abs": mean_abs}
-    if nonzero.numel() == 0 or (zero_share > 0.99 and want_zero_share < 0.99):
+    mean_abs = w.abs().mean().clamp(min=1e-5)
+    zero_share = float((b == 0).double().mean())
+    want_zero_share = float(((w / mean_abs).round().clamp(-1, 1) == 0).double().mean())
+    ev = {"zero_share": zero_share, "expected_zero_share": want_zero_share, "latent_mean_abs": float(mean_abs),
+          "distinct_values": int(b.unique().numel())}
+    if zero_share == 1.0 or (zero_share > 0.99 and want_zero_share < 0.99):
         return result(name, False, {**ev, "why": "(almost) every weight is zero"}, "wrong_weight_scale")
-    low, high = float(nonzero.min()), float(nonzero.max())
-    ev.update(magnitude_min=low, magnitude_max=high, distinct_values=int(b.unique().numel()))
-    if high - low > 1e-5 * high:
-        return result(name, False, {**ev, "why": "more than one magnitude: not quantized to ternary"},
-                      "weights_not_quantized")
+    if not one_magnitude(b):
+        if not all(one_magnitude(row) for row in b if bool((row != 0).any())):
+            return result(name, False, {**ev, "why": "more than one magnitude: not quantized to ternary"},
+                          "weights_not_quantized")
+        mean_abs = w.abs().mean(dim=1, keepdim=True).clamp(min=1e-5)
+        ev["scale_per"] = "output row"
+    want = (w / mean_abs).round().clamp(-1, 1)
+    magnitude = b.abs().amax(dim=1, keepdim=True) if mean_abs.dim() else b.abs().max()
+    ev.update(magnitude_max=float(magnitude.max()), magnitude_min=float(magnitude.min()))
     if zero_share == 0.0 and want_zero_share > 0.05:
         return result(name, False, {**ev, "why": "two values +-c and no zeros"}, "binary_not_ternary")
     mismatched = float((torch.sign(b) != want).double().mean())
@@ -55,12 +65,17 @@ def check_weight_operand(call: MatmulCall | None, latent: torch.Tensor) -> dict:
     if mismatched > 1e-3:
         return result(name, False, {**ev, "why": "ternary pattern differs from round(W/mean|W|)"},
                       "wrong_weight_scale")
-    if near(high, mean_abs):
+    used = magnitude > 0  # rows that rounded to all zeros say nothing about the scale
+
+    def near_all(want_scale) -> bool:
+        return bool(((magnitude - want_scale).abs() <= 1e-3 * want_scale)[used.expand_as(magnitude)].all())
+
+    if near_all(mean_abs.expand_as(magnitude)):
         return result(name, True, {**ev, "scale": "mean|W| (dequantized)"})
-    if near(high, 1.0):
+    if near_all(torch.ones_like(magnitude)):
         return result(name, True, {**ev, "scale": "1 (integer levels: the output must be rescaled)"})
-    return result(name, False, {**ev, "why": f"magnitude {high:.4g}, expected mean|W| = {mean_abs:.4g}"},
-                  "wrong_weight_scale")
+    return result(name, False, {**ev, "why": f"magnitude {float(magnitude.max()):.4g}, expected mean|W| = "
+                                             f"{float(mean_abs.max()):.4g}"}, "wrong_weight_scale")
 
 
 def check_activation_operand(call: MatmulCall | None, output: torch.Tensor) -> dict:
@@ -173,7 +188,8 @@ def output_candidates(u, w):
             "binary_weights": (F.linear(x_q, torch.where(w >= 0, 1.0, -1.0).to(w) * mean_abs), "binary_not_ternary"),
             # BitNet b1's sign(W - mean W), still found in b1.58 code
             "binary_centred_weights": (F.linear(x_q, torch.sign(w - w.mean()) * mean_abs), "binary_not_ternary"),
-            "unquantized_weights": (F.linear(x_q, w), "weights_not_quantized")}
+            "unquantized_weights": (F.linear(x_q, w), "weights_not_quantized"),
+            "per_row_scale": (F.linear(x_q, reference_weight_quant_per_row(w)), None)}  # accepted variant
 
 
 def fitted_factor(y, want):

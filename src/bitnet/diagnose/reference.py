@@ -20,6 +20,12 @@ def reference_weight_quant(w: torch.Tensor) -> torch.Tensor:
     return (w * scale).round().clamp(-1, 1) / scale
 
 
+def reference_weight_quant_per_row(w: torch.Tensor) -> torch.Tensor:
+    """The per-output-channel variant: one absmean scale per row of W."""
+    scale = 1.0 / w.abs().mean(dim=1, keepdim=True).clamp(min=1e-5)
+    return (w * scale).round().clamp(-1, 1) / scale
+
+
 def reference_activation_quant(x: torch.Tensor) -> torch.Tensor:
     """Per-token (last dim) 8-bit absmax quantization, dequantized."""
     scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
