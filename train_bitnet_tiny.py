@@ -37,7 +37,7 @@ def main():
     if args.dataset == "fineweb-edu":
         if args.data_dir or args.train_file or args.val_file:
             raise ValueError("--data-dir/--train-file/--val-file are TinyStories files; for fineweb-edu use --data-files")
-        task = data_fineweb.FineWebTask(cfg, tokenizer_dir, data_fineweb.source_from_args(args))
+        task = data_fineweb.FineWebTask(cfg, tokenizer_dir, data_fineweb.source_from_args(args), args.val_docs)
     else:
         if args.data_files:
             raise ValueError("--data-files is for --dataset fineweb-edu; TinyStories takes --data-dir or --train-file/--val-file")

@@ -96,6 +96,7 @@ def add_data_args(parser):
                                   f"{HUB_CONFIG} from the hub)")
     g.add_argument("--data-files", nargs="+", metavar="FILE", help="local jsonl/parquet files with the same schema")
     g.add_argument("--text-field", default="text", help="the field holding each document's text (default: text)")
+    g.add_argument("--val-docs", type=int, default=1000, help="the first N documents are the validation set (default 1000)")
 
 
 def source_from_args(args) -> DocSource:
@@ -150,7 +151,7 @@ class FineWebTask(TinyStoriesTask):
         val = list(itertools.islice(texts, val_docs))
         if len(val) < val_docs:
             raise ValueError(f"{source} holds only {len(val)} documents, all needed for validation "
-                             f"({val_docs}); give more data")
+                             f"({val_docs}); give more data or a smaller --val-docs")
         self.val_keys = {text_key(t) for t in val}
         self.val_tokens = self._tokens(val)
         # a sample of training text as long as the validation set: the train-loss side of the
