@@ -209,10 +209,12 @@ def test_sampling_is_reproducible_and_respects_top_k(tiny_model_cfg):
 
 
 def test_generate_stops_at_the_stop_token(tiny_model_cfg):
+    torch.manual_seed(0)  # the init draws from the global RNG, whose state depends on the tests before
     model = BitNetForCausalLM(tiny_model_cfg()).eval()
     prompt = random_ids(2, 4, seed=22)
     free = model.generate(prompt, 6)
     stop = int(free[0, 5])  # the 2nd token row 0 generates
+    assert int(free[0, 4]) != stop, "premise: row 0's first token differs from its second"
     out = model.generate(prompt, 6, stop_token=stop)
     assert torch.equal(out[0, :6], free[0, :6])
     stopped = (out[:, 4:] == stop).any(dim=1)
