@@ -112,8 +112,14 @@ def test_export_loads_in_transformers_with_matching_logits_and_generations(hf, n
     with torch.no_grad():
         a, _ = ours(ids)
         b = theirs(ids).logits
+        # the packed forms against our own packed runtime on the same 2-bit weights, with the kernel
+        # whose arithmetic order matches the transformers layer ("unpack" ~ AutoBitLinear, "int8" ~
+        # BitLinear). Against the latent model a last-bit difference can flip one activation's int8
+        # rounding and move logits by ~1e-2; the generations below compare with the latent model.
+        kernel = "int8" if linear_class == "bitlinear" else "unpack"
+        c = ex.packed_model_from_checkpoint(ex.load_hf_bitnet_dir(out, latent=False), kernel)(ids)[0] if packed else a
     assert a.abs().max() > 1.0
-    assert (a - b).abs().max() <= (1e-3 if packed else 1e-4)
+    assert (c - b).abs().max() <= (1e-3 if packed else 1e-4)
     # 20 greedy generations, each up to its stop token (our generate stops on newline, as does theirs)
     prompts = random_ids(20, 6, seed=3)
     want = until_stop(ours.generate(prompts, 10, stop_token=TOK.newline_id), 6, TOK.newline_id)

@@ -98,7 +98,9 @@ class PackedBitLinear(nn.Module):
         s = 127.0 / flat.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)  # as bitlinear.activation_quant
         x_int = (flat * s).round().clamp(-128, 127).to(torch.int8)
         acc = torch._int_mm(x_int, self.ternary().t())  # exact integer sums, int32
-        y = acc.float() * (self.weight_scale / s)
+        # rescaled in the order of transformers' BitLinear (y / (s_x * 1/mean|W|)), so that its packed
+        # form computes bit for bit what this does
+        y = acc.float() / (s * (1.0 / self.weight_scale))
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
