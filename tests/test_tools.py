@@ -132,7 +132,10 @@ def test_injected_bug_ends_broken_naming_it(tmp_path):
                 "per_tensor_act", "--set", "eval_interval=20", *TINY_ARITH])
     assert proc.returncode == 0, proc.stderr[-2000:]
     verdict = json.loads((out / "verdict.json").read_text())
-    assert verdict["verdict"] == "BROKEN" and verdict["suspected_bugs"] == ["per_tensor_act"]
+    from bitnet.diagnose.bugs import get_bug
+    # the verdict names the fault as the probes call it (README, "Check your own layer")
+    assert verdict["verdict"] == "BROKEN" and verdict["suspected_bugs"] == [get_bug("per_tensor_act").problem]
+    assert get_bug("per_tensor_act").problem == "per_tensor_act_scale"
     assert "INFRASTRUCTURE BROKEN" in proc.stdout
 
 
