@@ -310,7 +310,7 @@ def packed_model_from_checkpoint(ckpt: dict, kernel: str = "unpack", device="cpu
     model = BitNetForCausalLM(replace(cfg, num_hidden_layers=0))
     model.config = cfg
     for _ in range(cfg.num_hidden_layers):
-        model.model.layers.append(pack_model(BitNetDecoderLayer(cfg), kernel, empty=True))
+        model.model.layers.append(pack_model(BitNetDecoderLayer(cfg, model.linear_cls), kernel, empty=True))
     model.load_state_dict(ckpt["packed"])
     return model.to(device).eval()
 
