@@ -299,6 +299,15 @@ def test_cli_export_then_generate_evaluate_on_the_folder(hf, plus_run, tmp_path,
         result = json.loads(run(evaluate, "--checkpoint", str(out), "--arithmetic", str(problems),
                                 "--kernel", kernel).out.strip().splitlines()[-1])
         assert result["n"] == 3 and result["per_op"]["+"] >= 2 / 3 and result["per_op"]["-"] is None
+    from bitnet import diagnose
+    for folder, flags in ((tmp_path / "hf-online", []), (out, [])):  # the diagnosis on exported folders
+        if folder != out:
+            run(ex, "--checkpoint", plus_run, "--out", str(folder), *flags)
+        monkeypatch.setattr(sys, "argv", ["bitnet.diagnose", "--checkpoint", str(folder)])
+        verdict = diagnose.diagnose_checkpoint(str(folder))
+        printed = capsys.readouterr().out
+        assert verdict["verdict"] == "OK" and not verdict["failed_checks"], printed[-1500:]
+        assert "weights_ternary" in printed and "ste_gradients" in printed  # the layer probes ran on it
     with pytest.raises(SystemExit) as stop:
         run(ex, "--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "z"))
     err = capsys.readouterr().err

@@ -61,8 +61,9 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
 
 def diagnose_checkpoint(path: str, write: bool = False) -> dict:
     """Health report, probes, detectors and verdict for an existing run; prints as it goes."""
+    from ..export import load_any_checkpoint  # a run folder, ckpt.pt, or a transformers BitNet folder
     ternary_path, twin_path, out_dir = find_runs(path)
-    ckpt = load_checkpoint(ternary_path)
+    ckpt = load_any_checkpoint(ternary_path)
     model = model_from_checkpoint(ckpt)
     step = ckpt.get("step", 0)
     history = run_history(ternary_path, ckpt)
