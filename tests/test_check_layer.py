@@ -18,6 +18,13 @@ ORIGINAL_OPS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul_
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "third_party_layers.py")
 
 
+@pytest.fixture(autouse=True)
+def own_sys_path(monkeypatch):
+    """check_layer puts each --path first on sys.path, as a CLI should; inside the test process that
+    must not outlive the test (a spawned process in a later test would import a stub `bitnet`)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
 def run(capsys, *argv) -> tuple[int, dict, str]:
     """(exit code, the last-line JSON or {}, all stdout)."""
     t0 = time.process_time()  # CPU time: what the layer costs, whatever else shares the machine

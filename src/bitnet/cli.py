@@ -1,6 +1,7 @@
 """Command-line plumbing shared by the train scripts: common flags, config building,
 one-line errors, and thread settings."""
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -201,8 +202,10 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
 
 
 def run_experiment(args, cfg, task, script: str, summarize, report, child_args: list[str] = (), conclude=None):
-    """run_experiment_unlocked() while holding OUT_DIR's lock: one run writes an OUT_DIR at a time."""
-    with out_dir_lock(args.out_dir):
+    """run_experiment_unlocked() while holding OUT_DIR's lock: one run writes an OUT_DIR at a time.
+    Under torchrun the job is one run: rank 0 holds the lock for all its processes."""
+    from .distributed import is_main_process
+    with out_dir_lock(args.out_dir) if is_main_process() else contextlib.nullcontext():
         return run_experiment_unlocked(args, cfg, task, script, summarize, report, child_args, conclude)
 
 
