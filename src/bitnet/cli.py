@@ -10,6 +10,7 @@ import torch
 
 from .config_tiny import PRESETS
 from .diagnose.bugs import BUG_NAMES as BUGS
+from .distributed import is_main_process
 from .trainer import (CKPT_NAME, TrainingError, out_dir_lock, pick_device, previous_checkpoint, stop_on_signals,
                       write_json_atomic)
 
@@ -204,7 +205,6 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
 def run_experiment(args, cfg, task, script: str, summarize, report, child_args: list[str] = (), conclude=None):
     """run_experiment_unlocked() while holding OUT_DIR's lock: one run writes an OUT_DIR at a time.
     Under torchrun the job is one run: rank 0 holds the lock for all its processes."""
-    from .distributed import is_main_process
     with out_dir_lock(args.out_dir) if is_main_process() else contextlib.nullcontext():
         return run_experiment_unlocked(args, cfg, task, script, summarize, report, child_args, conclude)
 
@@ -221,7 +221,6 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
     `conclude({name: summary}, verdict) -> dict`, the last word printed, when given.
     """
     from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
-    from .distributed import is_main_process
     from .trainer import METRICS_NAME, load_checkpoint, model_from_checkpoint, train
 
     if args.twin and int(os.environ.get("WORLD_SIZE", "1")) > 1:

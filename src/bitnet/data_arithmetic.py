@@ -219,6 +219,8 @@ class ArithmeticTask:
         self.cfg = cfg
         self.tok = CharTokenizer()
         self.domain = ArithmeticDomain.from_config(cfg)
+        # whether each operator's held-out problems split into val/test halves: fixed by the domain, so once
+        self.splits_heldout = {op: self.domain.heldout_halves(op) for op in "+-"}
         if cfg.vocab_size != self.tok.vocab_size:
             raise ValueError(f"vocab_size must be {self.tok.vocab_size} for arithmetic, got {cfg.vocab_size}")
         if self.domain.max_length() > cfg.max_position_embeddings:
@@ -256,7 +258,7 @@ class ArithmeticTask:
             ops = [o for o in self.domain.operators if split == "train" or (o in "+-" and self.domain.heldout_fraction > 0)]
             all_hits, losses = [], []
             for op in ops:
-                half = part if part and self.domain.heldout_halves(op) else None
+                half = part if part and self.splits_heldout[op] else None
                 problems = self.domain.sample(self.cfg.eval_problems, g, split, ops=op, part=half)
                 hits, loss = self.accuracy(model, problems, device)
                 metrics[f"{name}_acc_{op}"] = sum(hits) / len(hits)
