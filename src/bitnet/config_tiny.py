@@ -99,6 +99,9 @@ class BitNetConfigArithmetic(BitNetConfig):
     # equally often) rather than uniformly (where 90% are 2-digit). Evaluation stays uniform.
     balance_digits: float = 0.0
     heldout_fraction: float = 0.1  # share of '+'/'-' problems never trained on
+    # Write every number at its slot's full width ('07 + 12 = 019'), so each digit sits at a fixed
+    # distance from the digits it depends on. Prompts typed to the tools are padded to match.
+    pad_numbers: bool = False
     eval_problems: int = 400  # per operator, per split, at each evaluation
     train_on: str = "answer"  # loss on the "answer" tokens only, or on "all" tokens
 

@@ -96,6 +96,7 @@ class ArithmeticDomain:
     heldout_fraction: float = 0.1
     operator_weights: tuple[float, ...] = ()  # training mix; () = equal
     balance_digits: float = 0.0  # share of '+'/'-' training operands drawn with their digit count balanced
+    pad_numbers: bool = False  # '07 + 12 = 019': every number at its slot's full width (see widths())
 
     @classmethod
     def from_config(cls, cfg) -> "ArithmeticDomain":
@@ -110,7 +111,7 @@ class ArithmeticDomain:
             raise ValueError(f"operator_weights must be {len(cfg.operators)} non-negative numbers like '3,3,1,1' "
                              f"(one per operator in {cfg.operators!r}), got {cfg.operator_weights!r}; --set operator_weights= for equal")
         dom = cls(cfg.add_max, cfg.sub_max, cfg.mul_max, cfg.div_max, cfg.operators, cfg.heldout_fraction, weights,
-                  getattr(cfg, "balance_digits", 0.0))
+                  getattr(cfg, "balance_digits", 0.0), getattr(cfg, "pad_numbers", False))
         if not 0 <= dom.balance_digits <= 1:
             raise ValueError(f"balance_digits must be in [0, 1], got {dom.balance_digits}")
         if min(dom.add_max, dom.sub_max, dom.mul_max) < 0 or dom.div_max < 1:
@@ -119,13 +120,30 @@ class ArithmeticDomain:
             raise ValueError("heldout_fraction must be in [0, 1)")
         return dom
 
+    def widths(self, op: str) -> tuple[int, int, int]:
+        """Digits of the widest a, b and answer of `op` (what pad_numbers pads to)."""
+        widest = {"+": (self.add_max, self.add_max, 2 * self.add_max), "-": (self.sub_max, self.sub_max, self.sub_max),
+                  "*": (self.mul_max, self.mul_max, self.mul_max ** 2),
+                  "/": (self.div_max ** 2, self.div_max, self.div_max)}[op]
+        return tuple(len(str(n)) for n in widest)
+
+    def prompt(self, a: int, op: str, b: int) -> str:
+        if not self.pad_numbers:
+            return format_prompt(a, op, b)
+        wa, wb, _ = self.widths(op)
+        return f"{a:0{wa}d} {op} {b:0{wb}d} ="
+
+    def answer(self, a: int, op: str, b: int) -> str:
+        return f"{solve(a, op, b):0{self.widths(op)[2] if self.pad_numbers else 0}d}"
+
+    def number_format(self) -> dict:
+        """What the checkpoint records so tools format prompts as training did."""
+        return {op: list(self.widths(op)) for op in self.operators} if self.pad_numbers else {}
+
     def max_length(self) -> int:
         """Input positions of the longest training sequence: <bos> + `a op b = c` + newline, minus
         the one that is only a target."""
-        widest = {"+": (self.add_max, self.add_max, 2 * self.add_max), "-": (self.sub_max, self.sub_max, self.sub_max),
-                  "*": (self.mul_max, self.mul_max, self.mul_max ** 2),
-                  "/": (self.div_max ** 2, self.div_max, self.div_max)}
-        return max(sum(len(str(n)) for n in widest[op]) + len(" + ") + len(" = ") + len("\n") for op in self.operators)
+        return max(sum(self.widths(op)) + len(" + ") + len(" = ") + len("\n") for op in self.operators)
 
     def sample_one(self, op: str, g: torch.Generator, training_mix: bool = False) -> tuple[int, int]:
         """Operands for `op`: uniform, or for training batches (`training_mix`) partly digit-balanced."""
@@ -190,13 +208,14 @@ class ArithmeticDomain:
         return out
 
 
-def encode_problems(problems, tok: CharTokenizer, answer_only: bool = True, length: int = 0):
+def encode_problems(problems, tok: CharTokenizer, answer_only: bool = True, length: int = 0, domain=None):
     """Right-padded (x, y) for next-token training; y is -100 outside the answer (or the padding).
     `length` pads to at least that many positions (fixed shapes keep torch.compile from recompiling)."""
     seqs, starts = [], []
+    dom = domain or ArithmeticDomain()
     for a, op, b in problems:
-        prompt = format_prompt(a, op, b)
-        ids = tok.encode(f"{prompt} {solve(a, op, b)}\n")
+        prompt = dom.prompt(a, op, b)
+        ids = tok.encode(f"{prompt} {dom.answer(a, op, b)}\n")
         seqs.append(ids)
         starts.append(len(prompt))  # position of '=': it predicts the space, so greedy decoding from 'a op b =' works
     T = max(length, max(len(s) for s in seqs) - 1)
@@ -229,18 +248,21 @@ class ArithmeticTask:
                              f"or smaller operand ranges")
 
     def identity(self) -> dict:
-        return {"task": self.name, "tokenizer": self.tok.identity}
+        ident = {"task": self.name, "tokenizer": self.tok.identity}
+        if self.domain.pad_numbers:
+            ident["number_format"] = self.domain.number_format()
+        return ident
 
     def get_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # stateless: resumes exactly
         return encode_problems(self.domain.sample(batch_size, g, "train"), self.tok, self.cfg.train_on == "answer",
-                               length=self.domain.max_length())
+                               length=self.domain.max_length(), domain=self.domain)
 
     @torch.no_grad()
     def accuracy(self, model, problems, device) -> tuple[list[bool], float]:
         """Exact match of the greedy answer, computed teacher-forced in one pass: greedy decoding
         yields the target exactly when the argmax is right at every answer position."""
-        x, y = encode_problems(problems, self.tok, answer_only=True)
+        x, y = encode_problems(problems, self.tok, answer_only=True, domain=self.domain)
         x, y = x.to(device), y.to(device)
         logits, loss = model(x, y)
         hit = (logits.argmax(-1) == y) | (y == -100)
@@ -348,9 +370,10 @@ class ArithmeticTask:
         lines = []
         for op in self.domain.operators:
             for a, op_, b in self.domain.sample(n_per_op, g, "train", ops=op):
-                got = self.complete(model, format_prompt(a, op_, b), device)
-                ok = got.strip() == str(solve(a, op_, b))
-                lines.append(f"{format_prompt(a, op_, b)}{got.rstrip()}  {'ok' if ok else 'WRONG, want ' + str(solve(a, op_, b))}")
+                prompt, want = self.domain.prompt(a, op_, b), self.domain.answer(a, op_, b)
+                got = self.complete(model, prompt, device)
+                ok = got.strip() == want
+                lines.append(f"{prompt}{got.rstrip()}  {'ok' if ok else 'WRONG, want ' + want}")
         return lines
 
     def complete(self, model, prompt: str, device, max_new_tokens: int = 8) -> str:
@@ -378,5 +401,5 @@ def arithmetic_answers(task, model, per_operator: int = 5) -> list[str]:
     0425256) never learned to emit it, and would otherwise look like they answer nothing."""
     g = torch.Generator().manual_seed(12345)
     device = next(model.parameters()).device
-    return [task.complete(model, format_prompt(a, op, b).rstrip() + " ", device)
+    return [task.complete(model, task.domain.prompt(a, op, b).rstrip() + " ", device)
             for op in task.domain.operators for a, _, b in task.domain.sample(per_operator, g, "train", ops=op)]
