@@ -60,6 +60,20 @@ def format_prompt(a: int, op: str, b: int) -> str:
     return f"{a} {op} {b} ="
 
 
+PROMPT_RE = re.compile(r"^(\s*)(\d+)\s*([-+*/])\s*(\d+)\s*=(.*)$", re.S)
+
+
+def match_format(prompt: str, number_format: dict) -> str:
+    """A prompt typed as '7 + 12 =' written the way a run trained with pad_numbers saw it
+    ('07 + 12 ='): `number_format` is what the run's task identity recorded ({op: widths});
+    anything else comes back unchanged."""
+    m = PROMPT_RE.match(prompt)
+    if not number_format or not m or m[3] not in number_format:
+        return prompt
+    wa, wb, _ = number_format[m[3]]
+    return f"{m[1]}{int(m[2]):0{wa}d} {m[3]} {int(m[4]):0{wb}d} ={m[5]}"
+
+
 def solve(a: int, op: str, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[op]
 

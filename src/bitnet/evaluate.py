@@ -20,7 +20,7 @@ from .data_arithmetic import format_prompt, parse_problem
 from .generate import KERNEL_CHOICES, load_for_inference, runs_at
 
 
-def read_problems(path: str, encode) -> list[tuple[str, str, int]]:
+def read_problems(path: str, encode, prompt_format=lambda text: text) -> list[tuple[str, str, int]]:
     """(prompt, op, expected) for each non-blank line; a bad line is a one-line error naming it."""
     problems = []
     with open(path, encoding="utf-8") as f:
@@ -29,7 +29,7 @@ def read_problems(path: str, encode) -> list[tuple[str, str, int]]:
                 continue
             try:
                 a, op, b, want = parse_problem(line)
-                prompt = format_prompt(a, op, b)
+                prompt = prompt_format(format_prompt(a, op, b))
                 encode(prompt)
             except ValueError as e:
                 raise ValueError(f"{path}:{lineno}: cannot use {line.strip()!r}: {e}") from None
@@ -58,12 +58,12 @@ def greedy_answers(model, codec, prompts: list[str], device, batch_size: int = 5
 
 
 def evaluate_arithmetic(model, codec, path: str, device) -> dict:
-    problems = read_problems(path, codec.encode)
+    problems = read_problems(path, codec.encode, codec.prompt)
     answers = greedy_answers(model, codec, [p for p, _, _ in problems], device)
     right, count = defaultdict(int), defaultdict(int)
     for (prompt, op, want), got in zip(problems, answers):
         count[op] += 1
-        right[op] += got == str(want)
+        right[op] += got == (f"{want:0{codec.number_format[op][2]}d}" if op in codec.number_format else str(want))
     for op in count:
         print(f"{op}: {right[op]}/{count[op]} exact")
     n = sum(count.values())

@@ -6,7 +6,7 @@
 """
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -24,6 +24,12 @@ class Codec:
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
     stop_id: int
+    number_format: dict = field(default_factory=dict)  # arithmetic runs trained with pad_numbers: {op: widths}
+
+    def prompt(self, text: str) -> str:
+        """The prompt as the run saw prompts in training ('7 + 12 =' -> '07 + 12 =' for a padded run)."""
+        from .data_arithmetic import match_format
+        return match_format(text, self.number_format)
 
 
 def codec_for(identity: dict) -> Codec:
@@ -34,7 +40,7 @@ def codec_for(identity: dict) -> Codec:
         tok = CharTokenizer()
         if identity.get("tokenizer") != tok.identity:
             raise TrainingError(f"checkpoint tokenizer {identity.get('tokenizer')!r} is not this version's {tok.identity!r}")
-        return Codec(tok.encode, tok.decode, tok.newline_id)
+        return Codec(tok.encode, tok.decode, tok.newline_id, identity.get("number_format") or {})
     if task == "tinystories":
         from .data_tinystories import tokenizer_from_identity
         tok = tokenizer_from_identity(identity)
@@ -83,12 +89,13 @@ def main():
     for label, path in runs_at(args.checkpoint).items():
         model, codec, ckpt = load_for_inference(path, args.device, args.kernel)
         n = args.max_new_tokens or (8 if ckpt["task"]["task"] == "arithmetic" else 200)
-        ids = torch.tensor([codec.encode(args.prompt)], device=args.device)
+        prompt = codec.prompt(args.prompt)
+        ids = torch.tensor([codec.encode(prompt)], device=args.device)
         g = torch.Generator(device=args.device).manual_seed(args.seed)
         out = model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, stop_token=codec.stop_id,
                              generator=g)
         completion = [t for t in out[0, ids.shape[1]:].tolist() if t != codec.stop_id]
-        print((f"[{label}] " if label else "") + args.prompt + codec.decode(completion))
+        print((f"[{label}] " if label else "") + prompt + codec.decode(completion))
 
 
 if __name__ == "__main__":
