@@ -253,6 +253,24 @@ def test_encode_problems_labels_the_answer_only():
         assert (ya[row, :n - 1] == x[row, 1:n]).all() and (ya[row, n:] == -100).all()
 
 
+def test_padded_numbers_sit_at_fixed_widths_and_tools_pad_prompts_to_match():
+    from bitnet.data_arithmetic import match_format
+    cfg = BitNetConfigArithmetic().with_overrides(["pad_numbers=true"])
+    task, seen = problems_of(cfg, steps=range(5))
+    assert {(a + b if op == "+" else right_answer(a, op, b)) == c for a, op, b, c in seen} == {True}
+    x, y = task.get_batch(0, 64)
+    lines = ["".join(TOK.itos[t] for t in row if t != TOK.pad_id)[5:] for row in x.tolist()]
+    widths = {"+": (2, 2, 3), "-": (2, 2, 2), "*": (2, 2, 3), "/": (3, 2, 2)}
+    for line, (a, op, b, c) in zip(lines, decode_batch(x, y)):
+        wa, wb, wc = widths[op]
+        assert line.startswith(f"{a:0{wa}d} {op} {b:0{wb}d} = ") and len(line.split()[-1]) == wc
+    assert task.domain.max_length() == len("99 + 99 = 198\n")  # <bos> + the line, less the last target
+    fmt = task.identity()["number_format"]
+    assert match_format("7 + 12 =", fmt) == "07 + 12 =" and match_format("144 / 12 =", fmt) == "144 / 12 ="
+    assert match_format("Once upon a time", fmt) == "Once upon a time" and match_format("7 + 1 =", {}) == "7 + 1 ="
+    assert "number_format" not in ArithmeticTask(BitNetConfigArithmetic()).identity()  # plain runs: as before
+
+
 def test_train_on_all_tokens_switch():
     x, y = ArithmeticTask(BitNetConfigArithmetic(train_on="all")).get_batch(0, 8)
     xa, ya = ArithmeticTask(BitNetConfigArithmetic(train_on="answer")).get_batch(0, 8)

@@ -273,6 +273,16 @@ def test_learning_rate_schedules():
         lr_and_wd(cfg.with_overrides(["schedule=linear"]), 50)
 
 
+def test_cosine_restarts_give_a_second_annealing_from_a_lower_peak():
+    cfg = BitNetConfig(learning_rate=1.0, min_lr_ratio=0.0, warmup_steps=10, max_steps=260, restart_steps=100,
+                       restart_lr_ratio=0.5)
+    lr = [lr_and_wd(cfg, s)[0] for s in range(260)]
+    assert lr[10] == pytest.approx(1.0) and lr[60] == pytest.approx(0.5) and lr[109] < 0.01  # cycle 1: 100 steps
+    assert lr[110] == pytest.approx(0.5) and lr[160] == pytest.approx(0.25)  # cycle 2 restarts at half the peak
+    assert lr[210] == pytest.approx(0.25) and lr[259] < 0.01  # 150 steps were left: 2 cycles, the last 150 long
+    assert lr_and_wd(cfg.with_overrides(["max_steps=110"]), 60)[0] == pytest.approx(0.5)  # one cycle: plain cosine
+
+
 # ---------------------------------------------------------------- config overrides and the CLI
 def test_with_overrides_parses_types_and_keeps_the_class():
     base = BitNetConfigArithmetic()

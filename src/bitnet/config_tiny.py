@@ -35,6 +35,8 @@ class BitNetConfig:
     schedule: str = "cosine"  # "cosine", or "two_stage": BitNet's high lr then a drop, wd off in stage two
     two_stage_split: float = 0.5  # fraction of steps in stage one (two_stage only)
     two_stage_lr_ratio: float = 0.3  # stage-two peak lr / stage-one peak lr (two_stage only)
+    restart_steps: int = 0  # cosine only: anneal in cycles of about this many steps (0 = one cycle)
+    restart_lr_ratio: float = 0.5  # each cycle's peak lr / the one before's
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

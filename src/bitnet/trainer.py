@@ -83,7 +83,11 @@ def autocast_for(device: torch.device, dtype: str):
 def lr_and_wd(cfg: BitNetConfig, step: int) -> tuple[float, float]:
     """Learning rate and weight decay at `step` (0-based).
 
-    cosine:    linear warmup, then cosine from learning_rate down to learning_rate*min_lr_ratio.
+    cosine:    linear warmup, then cosine from learning_rate down to learning_rate*min_lr_ratio;
+               with restart_steps, in cycles of that many steps after warm-up (the last one takes
+               what is left, 0.5-1.5 cycles), cycle k annealing from a peak restart_lr_ratio**k of
+               the first: a model whose accuracy rises with each annealing, and that has not
+               solved its task by the end of one, gets another chance when time allows.
     two_stage: BitNet b1.58's recipe: warmup, a high constant-ish rate for stage one (linear decay
                to half), then a drop to two_stage_lr_ratio of it with cosine decay and weight
                decay switched off for stage two.
@@ -92,7 +96,14 @@ def lr_and_wd(cfg: BitNetConfig, step: int) -> tuple[float, float]:
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps, cfg.weight_decay
     if cfg.schedule == "cosine":
-        t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        span, start = cfg.max_steps - cfg.warmup_steps, cfg.warmup_steps
+        if cfg.restart_steps:  # cycles of restart_steps, the last one 0.5-1.5 of that; each from a lower peak
+            cycles = max(1, round(span / cfg.restart_steps))
+            k = min(cycles - 1, (step - start) // cfg.restart_steps)
+            start += k * cfg.restart_steps
+            span = cfg.restart_steps if k < cycles - 1 else cfg.max_steps - start
+            peak = floor + (peak - floor) * cfg.restart_lr_ratio ** k
+        t = min(1.0, (step - start) / max(1, span))
         return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t)), cfg.weight_decay
     if cfg.schedule == "two_stage":
         split = int(cfg.max_steps * cfg.two_stage_split)
