@@ -126,7 +126,7 @@ class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
     learning_rate: float = 5e-3  # 8e-3 stalled on '+' for 1,000+ steps
     fp_learning_rate: float = 2e-3  # the fp twin at 1.5e-3, 2e-3 and 3e-3 learned alike (RESULTS.md); 5e-3 lagged far behind
     min_lr_ratio: float = 0.02  # a near-zero final rate stops late ternary flips from costing accuracy
-    max_steps: int = 2500  # without a time budget; with one, the budget sets the schedule
+    max_steps: int = 3000  # without a time budget; with one, the budget sets the schedule
     warmup_steps: int = 100
     eval_interval: int = 250
     time_budget_s: float = 510.0  # per model; with start-up and the verdict the launcher stays under 10 min
@@ -134,6 +134,15 @@ class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
     compile: bool = True  # ~1.5x faster steps on a CPU after ~1 minute of compiling
     operator_weights: str = "3,3,2,1"  # '+'/'-' need an algorithm; '*'/'/' are 325 facts to memorise
     balance_digits: float = 0.5  # 1.0 (all balanced) learned '+' slower: too few 2-digit sums
+    pad_numbers: bool = True  # '07 + 12 = 019': each digit at a fixed distance from the digits it needs
+    # RoPE's default base (10,000) spends most rotary frequencies on distances far beyond these
+    # 15-token problems; base 100 puts them at 1-15 positions, and '+' was learned in about half
+    # the steps on the two seeds that were slowest at 10,000 (RESULTS.md, issue 9).
+    rope_theta: float = 100.0
+    # A run not solved when its first annealing ends (step 3,000) gets a second, gentler one if
+    # the time budget buys at least ~1,500 more steps; an easy run has stopped long before.
+    restart_steps: int = 2900
+    restart_lr_ratio: float = 0.3
 
 
 @dataclass
