@@ -119,14 +119,17 @@ def plug_fields(args) -> dict:
     so that a checkpoint rebuilds the user's model from any directory."""
     from .spec import split_spec
 
-    def absolute(spec):
+    def absolute(flag):
+        spec = getattr(args, flag, "") or ""
         if not spec:
             return ""
-        target, name = split_spec(spec)
+        try:
+            target, name = split_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"--{flag} {spec}: {e}") from None
         return f"{os.path.abspath(target)}:{name}" if target.endswith(".py") or os.sep in target else spec
 
-    return {"linear_spec": absolute(getattr(args, "linear", "")), "model_spec": absolute(getattr(args, "model", "")),
-            "optimizer_spec": absolute(getattr(args, "optimizer", "")),
+    return {"linear_spec": absolute("linear"), "model_spec": absolute("model"), "optimizer_spec": absolute("optimizer"),
             "spec_paths": os.pathsep.join(os.path.abspath(p) for p in getattr(args, "path", None) or ())}
 
 

@@ -65,9 +65,9 @@ def resolve(cfg, part: str):
     try:
         obj = resolve_spec(spec, spec_paths(cfg))
     except SpecError as e:
-        raise PluggedError(f"{flag} {spec}: {e}") from None
+        raise PluggedError(f"{flag} {shown(spec)}: {e}") from None
     if not callable(obj):
-        raise PluggedError(f"{flag} {spec} is a {type(obj).__name__}, not a class or function; name a callable")
+        raise PluggedError(f"{flag} {shown(spec)} is a {type(obj).__name__}, not a class or function; name a callable")
     return obj
 
 
@@ -102,7 +102,7 @@ def linear_builder(cls, spec: str):
         try:
             return cls(in_features, out_features, **no_bias)
         except Exception as e:  # noqa: BLE001 - the user's constructor can fail in any way
-            raise PluggedError(f"--linear {spec}: {cls.__name__}({in_features}, {out_features}"
+            raise PluggedError(f"--linear {shown(spec)}: {cls.__name__}({in_features}, {out_features}"
                                f"{', bias=False' if no_bias else ''}) failed ({first_line(e)}); "
                                f"the class must build from (in_features, out_features)") from None
     return build
@@ -181,12 +181,12 @@ def check_output(model: PluggedModel, spec: str, what: str = "your model"):
         with torch.no_grad():
             logits = model(ids)[0]
     except Exception as e:  # noqa: BLE001
-        raise PluggedError(f"--model {spec}: {what} failed on input_ids of shape {list(ids.shape)} ({first_line(e)}); "
+        raise PluggedError(f"--model {shown(spec)}: {what} failed on input_ids of shape {list(ids.shape)} ({first_line(e)}); "
                            f"its forward must take a [batch, seq] LongTensor") from None
     want = (*ids.shape, cfg.vocab_size)
     shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
     if shape != want:
-        raise PluggedError(f"--model {spec}: {what} returned {shape} for input_ids {list(ids.shape)}, expected logits "
+        raise PluggedError(f"--model {shown(spec)}: {what} returned {shape} for input_ids {list(ids.shape)}, expected logits "
                            f"{list(want)} (vocab_size={cfg.vocab_size}); return [batch, seq, vocab] logits, or an "
                            f"object with .logits")
 
@@ -195,11 +195,11 @@ def call_factory(factory, cfg, **kwargs) -> nn.Module:
     try:
         net = factory(cfg, **kwargs)
     except Exception as e:  # noqa: BLE001
-        raise PluggedError(f"--model {cfg.model_spec}: the factory raised {first_line(e)}; fix it so that "
+        raise PluggedError(f"--model {shown(cfg.model_spec)}: the factory raised {first_line(e)}; fix it so that "
                            f"{getattr(factory, '__name__', 'f')}(cfg) returns an nn.Module (cfg is our "
                            f"{type(cfg).__name__}: vocab_size, hidden_size, num_hidden_layers, ...)") from None
     if not isinstance(net, nn.Module):
-        raise PluggedError(f"--model {cfg.model_spec}: the factory returned a {type(net).__name__}, not a "
+        raise PluggedError(f"--model {shown(cfg.model_spec)}: the factory returned a {type(net).__name__}, not a "
                            f"torch.nn.Module; return the model")
     return net
 
@@ -232,7 +232,7 @@ def build_user_model(cfg) -> nn.Module:
     factory = resolve(cfg, "model")
     takes_linear = takes_keyword(factory, "linear_cls")
     if layer_cls is not None and not takes_linear:
-        raise PluggedError(f"--linear with --model {cfg.model_spec}: the factory takes no linear_cls, so the layer "
+        raise PluggedError(f"--linear with --model {shown(cfg.model_spec)}: the factory takes no linear_cls, so the layer "
                            f"cannot be put in; give it a keyword linear_cls (f(cfg, linear_cls=...)), or drop --linear")
     with_layer = {"linear_cls": linear_builder(layer_cls, cfg.linear_spec)} if layer_cls and takes_linear else {}
     if cfg.quant == "ternary":
@@ -285,10 +285,10 @@ def make_user_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     try:
         opt = factory(target, cfg)
     except Exception as e:  # noqa: BLE001
-        raise PluggedError(f"--optimizer {cfg.optimizer_spec}: the factory raised {first_line(e)}; fix it so that "
+        raise PluggedError(f"--optimizer {shown(cfg.optimizer_spec)}: the factory raised {first_line(e)}; fix it so that "
                            f"{getattr(factory, '__name__', 'f')}(model, cfg) returns a torch.optim.Optimizer") from None
     if not isinstance(opt, torch.optim.Optimizer):
-        raise PluggedError(f"--optimizer {cfg.optimizer_spec}: the factory returned a {type(opt).__name__}, not a "
+        raise PluggedError(f"--optimizer {shown(cfg.optimizer_spec)}: the factory returned a {type(opt).__name__}, not a "
                            f"torch.optim.Optimizer; return the optimizer")
     for group in opt.param_groups:
         group.setdefault("initial_lr", group["lr"])

@@ -74,13 +74,17 @@ def import_beside_ours(module_name: str, top: str, folder: str = ""):
     def owned(name):
         return name == top or name.startswith(top + ".")
 
-    # imported before from the same folder (e.g. --model and --optimizer from one file): the same classes
-    cached = sys.modules.get(USER_ALIAS + module_name[len(top):])
-    if cached is not None and folder and os.path.abspath(getattr(cached, "__file__", "") or "").startswith(folder + os.sep):
-        return cached
+    def from_folder(module):
+        return bool(folder) and os.path.abspath(getattr(module, "__file__", None) or "").startswith(folder + os.sep)
+
     ours = {k: v for k, v in sys.modules.items() if owned(k)}
     for k in ours:
         del sys.modules[k]
+    # the user's modules imported before from this folder come back under their own names, so that
+    # --model, --linear and --optimizer from one package share its classes instead of re-importing it
+    for k, v in list(sys.modules.items()):
+        if (k == USER_ALIAS or k.startswith(USER_ALIAS + ".")) and from_folder(v):
+            sys.modules[top + k[len(USER_ALIAS):]] = v
     try:
         module = importlib.import_module(module_name)
     finally:
