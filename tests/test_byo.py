@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn as nn
 
 from bitnet.config_tiny import BitNetConfigArithmetic
 from bitnet.trainer import TrainingError, apply_schedule, build_model, load_checkpoint, make_optimizer, model_from_checkpoint
@@ -166,9 +167,9 @@ def test_tinystories_twin_run_with_all_three_parts(tmp_path, capsys):
     from bitnet.data_tinystories import iter_stories, save_tokenizer, train_bpe
     (tmp_path / "train.txt").write_text(stories(300, 0))
     (tmp_path / "valid.txt").write_text(stories(40, 1))
-    save_tokenizer(train_bpe(iter_stories(str(tmp_path / "train.txt")), 128, show_progress=False), str(tmp_path / "tok"))
+    save_tokenizer(train_bpe(iter_stories(str(tmp_path / "train.txt")), 300, show_progress=False), str(tmp_path / "tok"))
     out = tmp_path / "ts"
-    proc = run(["--out-dir", str(out), "--preset", "tiny-cpu", *SMALL, "--set", "vocab_size=128",
+    proc = run(["--out-dir", str(out), "--preset", "tiny-cpu", *SMALL, "--set", "vocab_size=300",
                 "--set", "max_position_embeddings=32", "--set", "batch_size=8", "--set", "warmup_steps=5",
                 "--set", "eval_tokens=512", "--set", "sample_tokens=6", "--set", "eval_interval=30",
                 "--max-steps", "30", "--train-file", str(tmp_path / "train.txt"), "--val-file", str(tmp_path / "valid.txt"),
@@ -200,6 +201,12 @@ def test_twin_swaps_the_users_layer_for_nn_linear_when_the_factory_takes_none(ow
     same = {k: v for k, v in twin.state_dict().items()}
     for k, v in ternary.state_dict().items():  # the same shapes and the same initial weights
         assert torch.equal(same[k], v), k
+
+
+def test_twin_is_the_factorys_own_fp_build_when_it_honours_quant(own_sys_path):
+    twin = build_model(cfg_with(model_spec=f"{FACTORIES}:by_quant", spec_paths=EXAMPLES, quant="none"))
+    assert twin.twin_kind == "your model as by_quant(cfg) builds it for quant='none'"
+    assert sum(type(m) is nn.Linear for m in twin.modules()) == 4
 
 
 def test_twin_falls_back_to_our_fp_model_and_says_so(own_sys_path):
@@ -260,12 +267,20 @@ def test_user_optimizer_groups_keep_their_ratio_under_the_schedule(own_sys_path)
     (["--linear", "torch.nn:Embedding", "--path", "nope_dir"], "is not a folder"),
     ([*MODEL, "--inject-bug", "no_ste"], "--inject-bug swaps a bug into our own model"),
 ])
-@pytest.mark.parametrize("twin", [False, True])
-def test_bad_plug_ins_are_one_line_errors(capsys, tmp_path, flags, needle, twin):
-    code, err = run_in_process(capsys, ARITH, ["--out-dir", str(tmp_path / "x"), "--max-steps", "2", *SMALL_ARITH,
-                                               *flags, *(["--twin"] if twin else [])])
+def test_bad_plug_ins_are_one_line_errors(capsys, tmp_path, flags, needle):
+    code, err = run_in_process(capsys, ARITH, ["--out-dir", str(tmp_path / "x"), "--max-steps", "2", *SMALL_ARITH, *flags])
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
-    assert not (tmp_path / "x" / "ternary").exists()  # a twin run fails before its children start
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model", "tests/fixtures/byo_factories.py:raises", "--path", "examples"], "the factory raised RuntimeError"),
+    ([*MODEL, "--optimizer", "tests/fixtures/byo_factories.py:bad_optimizer", "--path", "examples"], "--optimizer"),
+])
+def test_a_twin_run_checks_the_users_code_before_its_children_start(capsys, tmp_path, flags, needle):
+    code, err = run_in_process(capsys, ARITH, ["--twin", "--out-dir", str(tmp_path / "x"), "--max-steps", "2",
+                                               *SMALL_ARITH, *flags])
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "x" / "ternary").exists()
 
 
 def test_checkpoint_whose_code_is_gone_is_a_one_line_error(tmp_path, own_sys_path):
@@ -285,4 +300,5 @@ def test_adam_with_l2_weight_decay_is_broken_naming_the_optimizer(tmp_path, caps
     assert code == 0, err
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["verdict"] == "BROKEN"
-    assert any("optimizer" in name for name in verdict["failed_checks"] + verdict["suspected_bugs"]), verdict
+    named = verdict["failed_checks"] + verdict["suspected_bugs"] + [f.get("part", "") for f in verdict.get("faults", [])]
+    assert any("optimizer" in name for name in named), verdict  # part B names the part a fault is in

@@ -84,6 +84,9 @@ def dry_run(args, cfg) -> bool:
     from .plan import dry_run as plan_line
     if args.dry_run < 1:
         raise ValueError(f"--dry-run GPUS must be >= 1, got {args.dry_run}")
+    if cfg.model_spec:
+        raise ValueError("--dry-run plans our own model's parameters and memory; it cannot plan a --model of yours "
+                         "(drop --model to plan ours at this config)")
     print(json.dumps(plan_line(cfg, world_size=args.dry_run)))
     return True
 

@@ -113,6 +113,7 @@ def our_model_with(cfg, cls) -> BitNetForCausalLM:
     so that against its twin only the layer differs."""
     model = BitNetForCausalLM(cfg, linear_cls=linear_builder(cls, cfg.linear_spec))
     model.linear_cls = cls  # the probes and the health tracker find the quantized layers by this class
+    give_shapes(model, cls)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, cls) and not isinstance(m, nn.Linear):  # nn.Linear subclasses got our init already
@@ -141,6 +142,18 @@ def quantized_classes(net: nn.Module, hint=None) -> tuple[type, ...]:
     return tuple(dict.fromkeys(found))
 
 
+def give_shapes(model: nn.Module, classes) -> None:
+    """The probes and the health tracker read a layer's in_features/out_features: a user's layer that
+    lacks them gets them from its [out, in] weight."""
+    for m in model.modules():
+        w = m._parameters.get("weight") if classes and isinstance(m, classes) else None
+        if w is not None and w.dim() == 2:
+            if not hasattr(m, "in_features"):
+                m.in_features = w.shape[1]
+            if not hasattr(m, "out_features"):
+                m.out_features = w.shape[0]
+
+
 # ----------------------------------------------------------------------------- the model
 class PluggedModel(nn.Module):
     """A user's model behind the interface our trainer, tasks and diagnosis use."""
@@ -155,6 +168,7 @@ class PluggedModel(nn.Module):
         self.config = config
         self.linear_cls = linear_cls  # the user's quantized class(es), for bitnet.diagnose.probes.quantized_layers
         self.twin_kind = twin_kind
+        give_shapes(net, linear_cls)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
         """(logits, loss); `labels` are already the next tokens, -100 where no loss is taken."""
