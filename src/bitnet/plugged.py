@@ -191,12 +191,15 @@ def check_output(model: PluggedModel, spec: str, what: str = "your model"):
     """One forward on a tiny batch: the logits must be [B, T, vocab_size]."""
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (2, min(4, cfg.max_position_embeddings)), generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            logits = model(ids)[0]
+    was_training = model.training
+    try:  # eval mode and a forked RNG: the check must not change what training draws (dropout, ...)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            logits = model.eval()(ids)[0]
     except Exception as e:  # noqa: BLE001
         raise PluggedError(f"--model {shown(spec)}: {what} failed on input_ids of shape {list(ids.shape)} ({first_line(e)}); "
                            f"its forward must take a [batch, seq] LongTensor") from None
+    finally:
+        model.train(was_training)
     want = (*ids.shape, cfg.vocab_size)
     shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
     if shape != want:
