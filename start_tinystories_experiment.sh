@@ -2,7 +2,8 @@
 # TinyStories: train the 2,048-token tokenizer (skipped when OUT/tokenizer/tokenizer.json exists),
 # then BitNet b1.58 on the shared trainer. Extra arguments go to train_bitnet_tiny.py, e.g.
 #   ./start_tinystories_experiment.sh --data-dir ../shared/data/tinystories --out-dir runs/ts
-# Without --data-dir/--train-file/--val-file the data is streamed from the hub.
+# Without --data-dir/--train-file/--val-file the data is streamed from the hub. Your own stack:
+# --linear SPEC, --model SPEC, --optimizer SPEC, --path DIR pass through (README, "Check your own stack").
 set -euo pipefail
 cd "$(dirname "$0")"
 

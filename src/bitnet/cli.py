@@ -5,9 +5,11 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import replace
 
 import torch
 
+from . import plugged
 from .config_tiny import PRESETS
 from .diagnose.bugs import BUG_NAMES as BUGS
 from .distributed import is_main_process
@@ -41,6 +43,17 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
                    help="CPU threads for torch (0 = choose: 1 per process in twin runs, else all cores)")
     p.add_argument("--inject-bug", default="", choices=[""] + list(BUGS), metavar="NAME",
                    help=f"self-test: switch on one known bug ({', '.join(BUGS)})")
+    p.add_argument("--linear", default="", metavar="SPEC",
+                   help="your layer class for every projection of our model: module:Class or file.py:Class, built "
+                        "as Class(in, out, bias=False) (or Class(in, out)); the twin keeps nn.Linear")
+    p.add_argument("--model", default="", metavar="SPEC",
+                   help="your model: a factory f(cfg[, linear_cls=...]) -> nn.Module mapping input_ids [B, T] to "
+                        "logits [B, T, V]; the twin is it with nn.Linear (see bitnet/plugged.py)")
+    p.add_argument("--optimizer", default="", metavar="SPEC",
+                   help="your optimizer: a factory f(model, cfg) -> torch.optim.Optimizer, in place of AdamW; the "
+                        "schedule scales each of its groups' initial lr")
+    p.add_argument("--path", action="append", default=[], metavar="DIR",
+                   help="put DIR first on sys.path before the SPECs resolve (repeatable)")
     p.add_argument("--twin", action="store_true",
                    help="train the ternary model and its full-precision twin side by side, then compare and judge")
     p.add_argument("--no-verdict", action="store_true", help=argparse.SUPPRESS)  # set for the twin's children
@@ -71,6 +84,9 @@ def dry_run(args, cfg) -> bool:
     from .plan import dry_run as plan_line
     if args.dry_run < 1:
         raise ValueError(f"--dry-run GPUS must be >= 1, got {args.dry_run}")
+    if cfg.model_spec:
+        raise ValueError("--dry-run plans our own model's parameters and memory; it cannot plan a --model of yours "
+                         "(drop --model to plan ours at this config)")
     print(json.dumps(plan_line(cfg, world_size=args.dry_run)))
     return True
 
@@ -94,11 +110,30 @@ def build_config(args):
     if getattr(args, "time_budget", None) is not None:
         pairs.append(f"time_budget_s={args.time_budget}")
     pairs += [f"quant={args.quant}", f"inject_bug={args.inject_bug}"]
-    cfg = cfg.with_overrides(pairs)
+    cfg = replace(cfg.with_overrides(pairs), **plug_fields(args))
     if cfg.quant == "none" and cfg.fp_learning_rate > 0:  # the twin trains at its own tuned rate
         cfg = cfg.with_overrides([f"learning_rate={cfg.fp_learning_rate}"])
     check_config(cfg)
     return cfg
+
+
+def plug_fields(args) -> dict:
+    """--linear/--model/--optimizer/--path as config fields, with file SPECs and folders made absolute,
+    so that a checkpoint rebuilds the user's model from any directory."""
+    from .spec import split_spec
+
+    def absolute(flag):
+        spec = getattr(args, flag, "") or ""
+        if not spec:
+            return ""
+        try:
+            target, name = split_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"--{flag} {spec}: {e}") from None
+        return f"{os.path.abspath(target)}:{name}" if target.endswith(".py") or os.sep in target else spec
+
+    return {"linear_spec": absolute("linear"), "model_spec": absolute("model"), "optimizer_spec": absolute("optimizer"),
+            "spec_paths": os.pathsep.join(os.path.abspath(p) for p in getattr(args, "path", None) or ())}
 
 
 def check_config(cfg):
@@ -110,6 +145,9 @@ def check_config(cfg):
         raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}; pass e.g. --set learning_rate=3e-3")
     if not cfg.checkpoint_interval_s >= 0:
         raise ValueError(f"checkpoint_interval_s must be >= 0 seconds, got {cfg.checkpoint_interval_s}; e.g. --set checkpoint_interval_s=60")
+    if cfg.inject_bug and (cfg.linear_spec or cfg.model_spec):
+        raise ValueError("--inject-bug swaps a bug into our own model; drop it with --linear/--model "
+                         "(python -m bitnet.check_layer judges a layer alone)")
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
     if heads < 1 or kv < 1 or cfg.hidden_size % heads or heads % kv:
         raise ValueError(f"hidden_size {cfg.hidden_size} must divide by num_attention_heads {heads}, and that by "
@@ -202,6 +240,14 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
     return summaries
 
 
+def check_user_stack(cfg):
+    """Build the user's ternary model and optimizer once (trainer.build_model, make_optimizer): a bad
+    SPEC, a factory that raises or a wrong output shape is a one-line error before any training."""
+    from .trainer import build_model, make_optimizer
+    with torch.random.fork_rng(devices=[]):
+        make_optimizer(build_model(cfg), cfg, torch.device("cpu"))
+
+
 def run_experiment(args, cfg, task, script: str, summarize, report, child_args: list[str] = (), conclude=None):
     """run_experiment_unlocked() while holding OUT_DIR's lock: one run writes an OUT_DIR at a time.
     Under torchrun the job is one run: rank 0 holds the lock for all its processes."""
@@ -227,24 +273,29 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
         raise ValueError("--twin runs its two models as two plain processes; under torchrun train one model "
                          "per job (--quant ternary, then --quant none)")
     if args.twin:
+        if plugged.parts(cfg):  # the user's code fails here, in one line, rather than in both children
+            check_user_stack(cfg)
         # the children get the preset chosen here, so they neither choose nor announce it again
         summaries = run_twin(script, sys.argv[1:], args.out_dir, [*child_args, "--preset", args.preset])
         for name in ("ternary", "fp"):
             report(summaries[name])
         runs = {name: os.path.join(args.out_dir, name) for name in ("ternary", "fp")}
         model = model_from_checkpoint(load_checkpoint(runs["ternary"]))
+        twin = plugged.twin_kind(model_from_checkpoint(load_checkpoint(runs["fp"])))
         histories = {name: read_metrics(os.path.join(d, METRICS_NAME))[1] for name, d in runs.items()}
         table, comparison = compare_twins(histories["ternary"], histories["fp"], task.milestones(), task.metric_keys)
-        print(f"\n=== ternary vs full-precision twin (same config, seed and data order) ===\n{table}")
+        print(f"\n=== ternary vs full-precision twin (same config, seed and data order) ===\ntwin: {twin}\n{table}")
+        stack = {"parts": plugged.parts(cfg), "twin": twin}
         verdict = diagnose_run(model, histories["ternary"], histories["fp"], out_dir=args.out_dir,
                                metrics_paths={"ternary": os.path.join(runs["ternary"], METRICS_NAME),
                                               "fp twin": os.path.join(runs["fp"], METRICS_NAME)},
-                               learning_kwargs=task.learning_kwargs, **task.diagnosis_inputs(model))
+                               learning_kwargs=task.learning_kwargs, stack=stack, **task.diagnosis_inputs(model))
         outcome = conclude(summaries, verdict) if conclude else {}
         write_json_atomic(os.path.join(args.out_dir, "summary.json"),
                           {"ternary": summaries["ternary"], "fp": summaries["fp"], "comparison": comparison,
+                           "twin": twin, "plugged": stack["parts"], "your_stack": verdict.get("your_stack"),
                            "verdict": verdict["verdict"], "suspected_bugs": verdict["suspected_bugs"], **outcome})
-        return {"summaries": summaries, "comparison": comparison, "verdict": verdict, **outcome}
+        return {"summaries": summaries, "comparison": comparison, "verdict": verdict, "twin": twin, **outcome}
 
     tracker = QuantHealthTracker(lambda: task.get_batch(0, 8)) if cfg.quant == "ternary" else None
     resume = previous_checkpoint(os.path.join(args.out_dir, CKPT_NAME)) if args.resume_from_previous else args.resume
@@ -260,6 +311,8 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
     model = result["model"].eval()
     verdict = diagnose_run(model, result["history"], out_dir=args.out_dir,
                            metrics_paths={cfg.quant: os.path.join(args.out_dir, METRICS_NAME)},
-                           learning_kwargs=task.learning_kwargs, **task.diagnosis_inputs(model))
+                           learning_kwargs=task.learning_kwargs,
+                           stack={"parts": plugged.parts(cfg), "twin": None} if plugged.parts(cfg) else None,
+                           **task.diagnosis_inputs(model))
     outcome = conclude({cfg.quant: summary}, verdict) if conclude else {}
     return {"summary": summary, "verdict": verdict, **outcome}

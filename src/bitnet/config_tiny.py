@@ -23,6 +23,12 @@ class BitNetConfig:
     tie_word_embeddings: bool = False
     quant: str = "ternary"  # "ternary" (BitLinear) or "none" (the full-precision twin)
     inject_bug: str = ""  # self-test only: see bitnet.diagnose.bugs.BUGS; "" = the correct stack
+    # --- a user's own stack (bitnet.plugged; the train scripts' --linear/--model/--optimizer/--path) ---
+    # SPECs as `module:Name` or `/abs/path/file.py:Name`, kept so that a checkpoint rebuilds the same model
+    linear_spec: str = ""  # class for every projection of our model: Class(in, out[, bias=False])
+    model_spec: str = ""  # factory f(cfg[, linear_cls=...]) -> nn.Module, input_ids [B, T] -> logits [B, T, V]
+    optimizer_spec: str = ""  # factory f(model, cfg) -> torch.optim.Optimizer, in place of AdamW
+    spec_paths: str = ""  # folders put first on sys.path before the SPECs resolve, joined by os.pathsep
     # --- training ---
     batch_size: int = 256
     learning_rate: float = 3e-3

@@ -137,6 +137,11 @@ def export(checkpoint: str, out_dir: str, packed: bool = False, linear_class: st
     if linear_class not in LINEAR_CLASSES:
         raise ValueError(f"--linear-class must be one of {LINEAR_CLASSES}, got {linear_class!r}")
     ckpt = load_any_checkpoint(checkpoint)
+    plugs = [k for k in ("linear_spec", "model_spec") if (ckpt.get("config") or {}).get(k)]
+    if plugs:  # transformers' BitNetForCausalLM would run our BitLinear, not the user's layer or model
+        raise TrainingError(f"{checkpoint} was trained with your own {' and '.join(p.split('_')[0] for p in plugs)} "
+                            f"({', '.join(ckpt['config'][p] for p in plugs)}); the export writes our model with our "
+                            f"BitLinear only, so export it with your own code")
     model = model_from_checkpoint(ckpt)
     cfg = model.config
     if cfg.inject_bug:

@@ -1,7 +1,7 @@
 """Resolve a user's SPEC, `package.module:Name` or `path/to/file.py:Name`, to the object it names.
 
-One place for every flag that takes someone else's code (check_layer today; the train scripts'
---linear/--model/--optimizer next). Each --path folder goes first on sys.path, so a stub folder
+One place for every flag that takes someone else's code (check_layer, and the train scripts'
+--linear/--model/--optimizer through bitnet.plugged). Each --path folder goes first on sys.path, so a stub folder
 can stand in for a package that is not installed.
 
 Two things must not clash with this repo's own `bitnet` package:
@@ -69,14 +69,22 @@ def shadows_our_package(top: str, paths) -> bool:
                for p in paths or ())
 
 
-def import_beside_ours(module_name: str, top: str):
-    """Import the user's `top` package while ours steps aside; keep theirs under USER_ALIAS."""
+def import_beside_ours(module_name: str, top: str, folder: str = ""):
+    """Import the user's `top` package (found in `folder`) while ours steps aside; keep theirs under USER_ALIAS."""
     def owned(name):
         return name == top or name.startswith(top + ".")
+
+    def from_folder(module):
+        return bool(folder) and os.path.abspath(getattr(module, "__file__", None) or "").startswith(folder + os.sep)
 
     ours = {k: v for k, v in sys.modules.items() if owned(k)}
     for k in ours:
         del sys.modules[k]
+    # the user's modules imported before from this folder come back under their own names, so that
+    # --model, --linear and --optimizer from one package share its classes instead of re-importing it
+    for k, v in list(sys.modules.items()):
+        if (k == USER_ALIAS or k.startswith(USER_ALIAS + ".")) and from_folder(v):
+            sys.modules[top + k[len(USER_ALIAS):]] = v
     try:
         module = importlib.import_module(module_name)
     finally:
@@ -96,7 +104,8 @@ def resolve_spec(spec: str, paths=()):
         else:
             top = target.split(".")[0]
             if top == __package__ and shadows_our_package(top, paths):
-                module = import_beside_ours(target, top)
+                folder = next(os.path.abspath(p) for p in paths if shadows_our_package(top, [p]))
+                module = import_beside_ours(target, top, folder)
             else:
                 module = importlib.import_module(target)
     except SpecError:

@@ -116,7 +116,10 @@ def lr_and_wd(cfg: BitNetConfig, step: int) -> tuple[float, float]:
     raise TrainingError(f"schedule must be 'cosine' or 'two_stage', got {cfg.schedule!r}")
 
 
-def make_optimizer(model: torch.nn.Module, cfg: BitNetConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: BitNetConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer_spec:  # --optimizer: the user's factory (bitnet.plugged), on their own module
+        from .plugged import make_user_optimizer
+        return make_user_optimizer(model, cfg)
     # Weight decay on matrices (latent BitLinear weights, embeddings, head), not on norm gains.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -124,6 +127,20 @@ def make_optimizer(model: torch.nn.Module, cfg: BitNetConfig, device: torch.devi
               {"params": no_decay, "weight_decay": 0.0, "decay": False}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              fused=device.type == "cuda")
+
+
+def apply_schedule(opt: torch.optim.Optimizer, cfg: BitNetConfig, lr: float, wd: float):
+    """Set this step's lr and weight decay. Our AdamW's groups take them as they are; a user's
+    optimizer (--optimizer) keeps each group's own ratio to the peak: lr = its initial lr x lr /
+    learning_rate, and its weight decay is switched off only where the schedule switches ours off."""
+    for group in opt.param_groups:
+        if "decay" in group:  # make_optimizer's own groups
+            group["lr"] = lr
+            group["weight_decay"] = wd if group["decay"] else 0.0
+        else:
+            group["lr"] = group["initial_lr"] * lr / cfg.learning_rate
+            if "weight_decay" in group:
+                group["weight_decay"] = group["initial_weight_decay"] if wd else 0.0
 
 
 @contextlib.contextmanager
@@ -274,7 +291,8 @@ def checkpoint_contents(model, opt, step: int, cfg, task, history: list, train_s
     state) and to rebuild the model and tokenizer for inference. No grad scaler: bf16 autocast needs
     none, and fp16 is not offered."""
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-            "config": asdict(cfg), "config_class": type(cfg).__name__, "task": task.identity(),
+            "config": asdict(cfg), "config_class": type(cfg).__name__, "optimizer_class": type(opt).__name__,
+            "task": task.identity(),
             "history": json.dumps(history, default=float), "train_state": dict(train_state),
             "on_eval": on_eval.state_dict() if hasattr(on_eval, "state_dict") else None, **rng_states()}
 
@@ -412,8 +430,15 @@ def find_runs(path: str) -> tuple[str, str | None, str]:
     return ternary, (twin if os.path.isdir(twin) else None), root
 
 
-def build_model(cfg: BitNetConfig) -> BitNetForCausalLM:
-    """The model for `cfg`; with cfg.inject_bug (the self-test) the diagnosis package swaps the bug in."""
+def build_model(cfg: BitNetConfig) -> torch.nn.Module:
+    """The model for `cfg`; with cfg.inject_bug (the self-test) the diagnosis package swaps the bug in.
+    With cfg.linear_spec / cfg.model_spec, the user's layer or model (bitnet.plugged)."""
+    if cfg.linear_spec or cfg.model_spec:
+        from .plugged import PluggedError, build_user_model
+        try:
+            return build_user_model(cfg)
+        except PluggedError as e:
+            raise TrainingError(str(e)) from None
     model = BitNetForCausalLM(cfg)
     if cfg.inject_bug:
         from .diagnose.bugs import inject
@@ -428,6 +453,9 @@ def model_from_checkpoint(ckpt: dict, device="cpu") -> BitNetForCausalLM:
         cfg = cls(**ckpt["config"])
         model = build_model(cfg)
         model.load_state_dict(ckpt["model"])
+    except TrainingError as e:  # the user's model (--model/--linear) did not rebuild here: say which
+        raise TrainingError(f"the checkpoint's model did not rebuild: {e} (a plugged-in run needs its code "
+                            f"where it was, or its --path folders: {cfg.spec_paths or 'none'})") from None
     except (TypeError, ValueError, RuntimeError) as e:  # a config from another version, or weights of another shape
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainingError(f"the checkpoint's weights do not fit its config {cls.__name__} ({first[:200]}); "
@@ -458,11 +486,15 @@ def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str, on_eva
         diff = sorted(k for k in set(saved_task) | set(task_now) if saved_task.get(k) != task_now.get(k))
         raise TrainingError(f"--resume: {ckpt_path} was trained with a different task/tokenizer (differs in {diff}); "
                             f"use a new --out-dir or the original data and tokenizer")
-    saved = dict(ckpt["config"])
+    saved = {**PLUG_DEFAULTS, **ckpt["config"]}  # checkpoints from before --linear/--model/--optimizer
     for k in RESUME_MAY_CHANGE:
         saved[k] = getattr(cfg, k)
     if saved != asdict(cfg):
         diff = sorted(k for k in set(saved) | set(asdict(cfg)) if saved.get(k) != asdict(cfg).get(k))
+        plugs = [k for k in diff if k in PLUG_DEFAULTS]
+        if plugs:
+            raise TrainingError(f"--resume: the checkpoint was trained with {', '.join(f'{k}={saved.get(k)!r}' for k in plugs)}; "
+                                f"pass the same --linear/--model/--optimizer/--path as the original run")
         raise TrainingError(f"--resume: the config differs from the checkpoint's in {diff}; drop those overrides")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
@@ -477,6 +509,7 @@ def restore_run(ckpt_path: str, cfg, task, model, opt, metrics_path: str, on_eva
     return step, ckpt.get("history", []), ckpt.get("train_state", {})
 
 
+PLUG_DEFAULTS = {"linear_spec": "", "model_spec": "", "optimizer_spec": "", "spec_paths": ""}
 RESUME_MAY_CHANGE = ("max_steps", "eval_interval", "checkpoint_interval_s", "time_budget_s", "grad_accum_steps",
                      "peak_tflops")  # the only fields a resume may change
 
@@ -587,6 +620,11 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         f"{'bf16 autocast' if isinstance(amp, torch.autocast) else 'fp32'}, {torch.get_num_threads()} threads"
         + (f", {ctx.world_size} processes" if ctx.world_size > 1 else "")
         + (f", {cfg.grad_accum_steps} micro-batches per step" if cfg.grad_accum_steps > 1 else ""))
+    if cfg.linear_spec or cfg.model_spec or cfg.optimizer_spec:
+        from .plugged import parts, shown, twin_kind
+        log("plugged in: " + "; ".join(f"{part} {shown(spec)}" for part, spec in parts(cfg).items())
+            + (f" (this is the fp twin: {twin_kind(model)})" if cfg.quant == "none" else "")
+            + f"; optimizer {type(opt).__name__}")
 
     def record(entry: dict):
         if not ctx.is_main:
@@ -645,9 +683,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
                dynamic_ncols=True, file=sys.stderr, mininterval=2.0)
     while step < cfg.max_steps:
         lr, wd = lr_and_wd(cfg, step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-            group["weight_decay"] = wd if group["decay"] else 0.0
+        apply_schedule(opt, cfg, lr, wd)
         opt.zero_grad(set_to_none=True)
         micro = distributed.micro_batches(task, step, cfg, ctx)
         loss_sum = torch.zeros((), device=dev)
@@ -713,4 +749,4 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     return {"final": final, "history": history, "first_train_loss": first_loss, "last_train_loss": loss_ema,
             "max_steps": cfg.max_steps, "solved": bool(solved and solved(final)),
             "elapsed_s": elapsed, "tokens_per_s": tokens / max(1e-9, elapsed), "n_params": n_params,
-            "out_dir": out_dir, "model": model}
+            "out_dir": out_dir, "model": model, "optimizer": opt}

@@ -26,7 +26,7 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if getattr(getattr(model, "config", None), "quant", "ternary") == "none":
         return []
     cls = getattr(model, "linear_cls", BitLinear)
-    cls = cls if isinstance(cls, type) else BitLinear
+    cls = cls if isinstance(cls, (type, tuple)) else BitLinear  # a plugged-in model may name several classes
     return [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
 
 
@@ -211,4 +211,6 @@ PROBE_NAMES = LAYER_CHECKS + tuple(p.__name__.removeprefix("probe_") for p in MO
 
 def run_probes(model: nn.Module) -> list[dict]:
     """The layer checks on every quantized layer, then the model probes; the model is left as it was."""
-    return run_layer_probes(model) + [probe(model) for probe in MODEL_PROBES]
+    skip = getattr(model, "probes_not_applicable", {})  # a plugged-in model (bitnet.plugged) lacks our blocks
+    return run_layer_probes(model) + [result(name, True, {"not_applicable": skip[name]}) if name in skip else probe(model)
+                                      for name, probe in zip(PROBE_NAMES[len(LAYER_CHECKS):], MODEL_PROBES)]

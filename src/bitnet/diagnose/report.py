@@ -27,11 +27,13 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
                  out_dir: str | None = None, metrics_paths: dict[str, str] | None = None,
                  samples: list[str] | None = None, known_words: set[str] | None = None,
                  arithmetic_answers: list[str] | None = None, batch=None, log=print,
-                 learning_kwargs: dict | None = None) -> dict:
+                 learning_kwargs: dict | None = None, stack: dict | None = None) -> dict:
     """Probes, detectors and verdict at the end of a run (what a train script calls).
 
     `history`/`twin_history`: the runs' evaluation dicts; `metrics_paths`: {label: metrics.jsonl}
     for the pictures, ternary first. With `out_dir`, verdict.json and the PNGs are written there.
+    `stack` ({"parts": {part: SPEC}, "twin": description}, a run with the user's own parts) adds
+    verdict["your_stack"], one line on what the run says about those parts (bitnet.plugged).
     """
     cfg = model.config
     probes = run_probes(model)
@@ -47,7 +49,12 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
         twin = learning_summary(twin_history, cfg.vocab_size, cfg.warmup_steps, **learning_kwargs)
         log(f"twin:    {twin['reason']}")
     verdict = make_verdict(probes, ternary, twin, detectors)
+    if stack:
+        from ..plugged import stack_statement
+        verdict["your_stack"] = {**stack, "statement": stack_statement(stack, verdict, history, twin_history)}
     log("\n" + format_verdict(verdict))
+    if stack:
+        log("  " + verdict["your_stack"]["statement"])
     if out_dir is not None:
         log(f"wrote {write_verdict(out_dir, verdict)}")
         paths = {label: p for label, p in (metrics_paths or {}).items() if p and os.path.exists(p)}
@@ -84,7 +91,7 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
         logged = [{"step": step, **tracker(model, step)}]
     print("\n" + summarise_quant_health(logged))
 
-    twin_history = None
+    twin_history, twin_ckpt = None, None
     if twin_path is not None:
         twin_ckpt = load_checkpoint(twin_path) if os.path.exists(os.path.join(twin_path, CKPT_NAME)) else None
         twin_history = run_history(twin_path, twin_ckpt)
@@ -96,8 +103,13 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
     paths = {"ternary": metrics_of(ternary_path)}
     if twin_path is not None:
         paths["fp twin"] = metrics_of(twin_path)
+    from ..plugged import parts, twin_kind
+    stack = None
+    if parts(cfg):  # the user's own layer/model/optimizer: the verdict speaks to them
+        twin = twin_kind(model_from_checkpoint(twin_ckpt)) if twin_history and twin_ckpt else None
+        stack = {"parts": parts(cfg), "twin": twin}
     return diagnose_run(model, history, twin_history, out_dir=out_dir if write else None, metrics_paths=paths,
-                        arithmetic_answers=answers, batch=batch)
+                        arithmetic_answers=answers, batch=batch, stack=stack)
 
 
 def main(argv=None):

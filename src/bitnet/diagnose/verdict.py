@@ -126,6 +126,8 @@ def format_results(results: list[dict]) -> str:
         status = "pass" if r["passed"] else "FAIL" + (f" (suspect {r['suspected_bug']})" if r["suspected_bug"] else "")
         if r["passed"] and r["evidence"].get("layers_checked") == 0:
             status = "n/a (no BitLinear layers)"
+        if r["passed"] and r["evidence"].get("not_applicable"):
+            status = f"n/a ({r['evidence']['not_applicable']})"
         lines.append(f"  {r['name']:<24} {status}")
         if not r["passed"]:
             lines.append(f"      {json.dumps(r['evidence'], default=str)[:400]}")
