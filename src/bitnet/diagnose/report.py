@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..trainer import CKPT_NAME, METRICS_NAME, TrainingError, find_runs, load_checkpoint, model_from_checkpoint
-from .detectors import greedy_hits_of, learning_summary, run_detectors
+from .detectors import format_scores, learning_summary, run_detectors
 from .health import QuantHealthTracker, summarise_quant_health
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics
 from .probes import run_probes
@@ -32,7 +32,7 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
 
     `history`/`twin_history`: the runs' evaluation dicts; `metrics_paths`: {label: metrics.jsonl}
     for the pictures, ternary first. With `out_dir`, verdict.json and the PNGs are written there.
-    `task`, when it scores greedy completions (sample_lines), lets the train/inference format check run.
+    `task`, when it scores teacher-forced and greedy answers (format_scores), lets the train/inference format check run.
     """
     cfg = model.config
     probes = run_probes(model)
@@ -40,7 +40,7 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     learning_kwargs = learning_kwargs or {}
     detectors = run_detectors(history, cfg.vocab_size, cfg.warmup_steps, samples=samples, known_words=known_words,
                               arithmetic_answers=arithmetic_answers, model=model, batch=batch,
-                              greedy_hits=greedy_hits_of(task, model), **learning_kwargs)
+                              format_hits=format_scores(task, model), **learning_kwargs)
     log("\ndetectors:\n" + format_results(detectors))
     ternary = learning_summary(history, cfg.vocab_size, cfg.warmup_steps, **learning_kwargs)
     log(f"\n{'ternary' if cfg.quant == 'ternary' else 'this run'}: {ternary['reason']}")
