@@ -183,16 +183,16 @@ def test_format_mismatch_pairs_teacher_forced_with_greedy():
     assert det.detect_format_mismatch(None, wrong)["passed"]
 
 
-def test_format_mismatch_end_to_end_on_a_tiny_trained_run(tmp_path, arith_cfg):
-    """The '*' 0-5 task learns in 200 CPU steps; trained without BOS and prompted with it, its
-    teacher-forced score stays and greedy answers are lost."""
-    for bug, expect in (("", None), ("bos_mismatch", "train_inference_mismatch")):
-        cfg = arith_cfg(inject_bug=bug, compile=False, stop_when_solved=False)
-        task = wrap_task(ArithmeticTask(cfg), bug)
-        out = train(cfg, task, str(tmp_path / (bug or "correct")), device="cpu", quiet=True)
-        result = det.detect_format_mismatch(*det.format_scores(task, out["model"].eval()))
-        assert result["suspected_bug"] == expect, result["evidence"]
-        assert result["evidence"]["teacher_forced_acc"] > 0.3
+def test_format_check_finds_nothing_on_a_tiny_trained_correct_run(tmp_path, arith_cfg):
+    """The '*' 0-5 task learns in 200 CPU steps: teacher-forced and greedy agree problem by problem.
+    (This tiny model still answers when prompted with a BOS it never saw; the preset does not:
+    bench/bug_table.py --pipeline, RESULTS.md.)"""
+    cfg = arith_cfg(compile=False, stop_when_solved=False)
+    task = ArithmeticTask(cfg)
+    out = train(cfg, task, str(tmp_path), device="cpu", quiet=True)
+    result = det.detect_format_mismatch(*det.format_scores(task, out["model"].eval(), n_per_op=50))
+    assert result["passed"] and result["evidence"]["teacher_forced_acc"] > 0.3, result["evidence"]
+    assert result["evidence"]["lost_by_greedy"] <= 1
 
 
 # --- the verdict names the part ---------------------------------------------------------------
@@ -223,6 +223,12 @@ def test_old_bugs_get_their_part_and_a_missing_mask_explains_the_format_gap():
     gap = det.detect_format_mismatch([True] * 100, [False] * 100)
     v = diagnose.make_verdict([mask], LEARNS, None, [gap])
     assert v["suspected_bugs"] == ["no_causal_mask"] and "train_inference_format" in v["failed_checks"]
+    # collapsed weights round to zero in a correct layer: the optimizer is named, not the layer
+    zeros = diagnose.result("weights_ternary", False, {"why": "(almost) every weight is zero"}, "wrong_weight_scale")
+    collapse = det.detect_weight_collapse([{"step": 0, "val_loss": 3.5, "weight_rms": 0.02},
+                                           {"step": 400, "val_loss": 3.4, "weight_rms": 4e-7}], 32)
+    v = diagnose.make_verdict([zeros], STALLS, None, [collapse])
+    assert v["suspected_bugs"] == ["coupled_weight_decay"] and "weights_ternary" in v["failed_checks"]
 
 
 def test_the_correct_stack_logs_signals_that_raise_no_fault(tmp_path):

@@ -252,7 +252,7 @@ def detect_weight_collapse(history: list[dict], vocab_size: int, warmup_steps: i
     if not passed:
         opt = (f"{optimizer['type']} with weight_decay={optimizer['max_weight_decay']:g} adds L2 to the gradient, and "
                if coupled else "")
-        evidence["finding"] = (f"{opt}weight RMS fell {fall:.0f}x ({first:.2g} -> {last:.2g}, steps {s0}-{s1}) while the "
+        evidence["finding"] = (f"{opt}weight RMS fell {fall:,.0f}x ({first:.2g} -> {last:.2g}, steps {s0}-{s1}) while the "
                                f"run did not learn ({learns['reason']}): decay swamps the gradient")
     return result("weight_decay_collapse", passed, evidence, None if passed else "coupled_weight_decay")
 

@@ -67,8 +67,12 @@ PROBLEMS = {
                                          "special tokens, the same spacing)"),
 }
 # A fault that explains another check's failure: the latter is then not reported as a fault of its
-# own (a model that sees the answer while teacher-forced scores high there and fails to generate).
-EXPLAINS = {"no_causal_mask": {"train_inference_mismatch"}}
+# own (its check stays in failed_checks). A model that sees the answer while teacher-forced scores
+# high there and fails to generate; latent weights that decay collapsed below the quantizer's
+# 1e-5 clamp on mean|W| round to zero in any layer, so the layer probes read wrong_weight_scale;
+# a layer that never divides its scales out makes the first loss huge as a bad init would.
+EXPLAINS = {"no_causal_mask": {"train_inference_mismatch"}, "coupled_weight_decay": {"wrong_weight_scale"},
+            "missing_rescale": {"init_scale_too_large"}}
 
 
 def faults_of(failed: list[dict]) -> list[dict]:
