@@ -138,10 +138,10 @@ def test_parameters_left_out_of_the_optimizer_are_named(tmp_path):
 def test_a_parameter_that_never_moves_is_caught_without_the_optimizer():
     model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8))
     signals = TrainingSignals(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    assert signals(model, None, None)["params_unchanged"] is None  # step 0: not judged yet
+    assert signals(model, 0, None, None)["params_unchanged"] is None  # step 0: not judged yet
     with torch.no_grad():
         model[1].weight.add_(0.01)
-    history = [{"step": 10, "val_loss": 1.0, "params_unchanged": signals(model, 2.0, 1.5)["params_unchanged"]}]
+    history = [{"step": 10, "val_loss": 1.0, "params_unchanged": signals(model, 10, 2.0, 1.5)["params_unchanged"]}]
     assert history[0]["params_unchanged"] == ["0.weight", "1.bias"]
     assert det.detect_params_not_updated(history)["suspected_bug"] == "params_not_in_optimizer"
 

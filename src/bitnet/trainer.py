@@ -597,7 +597,8 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             return
         contents = checkpoint_contents(model, opt, step, cfg, task, history,
                                        {"first_loss": first_loss, "loss_ema": loss_ema,
-                                        "planned_max_steps": cfg.max_steps if planned else 0}, on_eval)
+                                        "planned_max_steps": cfg.max_steps if planned else 0,
+                                        "param_fingerprints": signals.start}, on_eval)
         contents["task_state"] = task_state
         try:
             save_checkpoint(contents, ckpt_path, keep_previous)
@@ -619,14 +620,14 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             model.eval()
             m.update(on_eval(model, step))
             model.train()
-        m.update(signals(model, first_loss, loss_ema))  # what the pipeline detectors read
+        m.update(signals(model, step, first_loss, loss_ema))  # what the pipeline detectors read
         m = {"step": step, **m}
         history.append(m)
         record({"kind": "eval", **m})
         return m
 
     from .diagnose.health import TrainingSignals  # here: the diagnosis package imports this module
-    signals = TrainingSignals(model, opt)
+    signals = TrainingSignals(model, opt, train_state.get("param_fingerprints"))  # a resume judges from step 0 too
     first_loss, loss_ema = train_state.get("first_loss"), train_state.get("loss_ema")
     solved = getattr(task, "solved", None) if cfg.stop_when_solved else None
     budget, start_step, planned = TimeBudget(cfg, step), step, False

@@ -205,23 +205,23 @@ class TrainingSignals:
                         drives every one of them towards 0 together)
       first_train_loss  the first training step's loss, train_loss its running mean (None before)
       optimizer         describe_optimizer(): type, decay, parameters missing from its groups
-      params_unchanged  trainable parameters bit-identical to the start of this process's
-                        training (at step 0: not yet judged, None)
+      params_unchanged  trainable parameters bit-identical to step 0 (at step 0: None, not judged)
 
-    Works on any nn.Module and torch optimizer: parameters and param_groups only."""
+    `start`: the step-0 fingerprints a resumed run kept in its checkpoint (else taken now), so a
+    resumed run logs what an uninterrupted one would. Works on any nn.Module and torch optimizer:
+    parameters and param_groups only."""
 
-    def __init__(self, model: nn.Module, optimizer):
+    def __init__(self, model: nn.Module, optimizer, start: dict | None = None):
         self.optimizer = optimizer
-        self.start = {n: _fingerprint(p) for n, p in model.named_parameters() if p.requires_grad}
-        self.calls = 0
+        self.start = ({n: tuple(v) for n, v in start.items()} if start else
+                      {n: _fingerprint(p) for n, p in model.named_parameters() if p.requires_grad})
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, first_train_loss: float | None, train_loss: float | None) -> dict:
+    def __call__(self, model: nn.Module, step: int, first_train_loss: float | None, train_loss: float | None) -> dict:
         rms = sorted(float(p.detach().float().square().mean().sqrt()) for p in model.parameters() if p.dim() >= 2)
         unchanged = None
-        if self.calls > 0:  # the first call is the evaluation before any step
+        if step > 0:
             unchanged = [n for n, p in model.named_parameters() if n in self.start and _fingerprint(p) == self.start[n]]
-        self.calls += 1
         return {"weight_rms": rms[len(rms) // 2] if rms else None, "first_train_loss": first_train_loss,
                 "train_loss": train_loss, "optimizer": describe_optimizer(model, self.optimizer),
                 "params_unchanged": unchanged}
