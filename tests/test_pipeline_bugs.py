@@ -113,8 +113,9 @@ def test_coupled_weight_decay_is_adam_and_named_from_the_weight_rms_collapse(tmp
 def test_weight_collapse_alone_is_enough_and_a_learning_run_is_never_flagged():
     collapse = [{"step": 0, "val_loss": 3.5, "weight_rms": 0.05}, {"step": 500, "val_loss": 3.4, "weight_rms": 5e-7}]
     assert det.detect_weight_collapse(collapse, 32)["suspected_bug"] == "coupled_weight_decay"  # no optimizer logged
-    learned = [collapse[0], {**collapse[1], "val_loss": 0.5}]
+    learned = [collapse[0], {**collapse[1], "val_loss": 0.5, "weight_rms": 0.004}]  # 12x, but it learns
     assert det.detect_weight_collapse(learned, 32)["passed"]
+    assert not det.detect_weight_collapse([collapse[0], {**learned[1], "weight_rms": 5e-7}], 32)["passed"]  # 1e5x
     mild = [collapse[0], {**collapse[1], "weight_rms": 0.02}]
     assert det.detect_weight_collapse(mild, 32)["passed"]
 
