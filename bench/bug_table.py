@@ -2,6 +2,7 @@
 on several seeds, each judged by the end-of-run verdict.
 
     python bench/bug_table.py --out-dir runs/bugtable [--max-steps 500] [--jobs 2]
+    python bench/bug_table.py --pipeline --seeds 1 2 3 --max-steps 400 -- --set compile=false   # issue 11
 
 Runs are single (no twin): the probes name an injected bug whatever the training did, and the
 correct stack must *learn* within the step budget to be judged OK. Prints a Markdown table
@@ -17,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
-from bitnet.diagnose.bugs import BUGS  # noqa: E402
+from bitnet.diagnose.bugs import ALL_BUGS, BUGS, PIPELINE_BUGS  # noqa: E402
 
 
 def run_one(name: str, extra: list[str], args) -> dict:
@@ -35,7 +36,8 @@ def run_one(name: str, extra: list[str], args) -> dict:
             summary = json.load(f)
         row.update(verdict=verdict["verdict"], suspected_bugs=verdict["suspected_bugs"],
                    failed_checks=verdict["failed_checks"], answer_loss=summary["loss_end"],
-                   indist_acc=summary["final"]["indist_acc"])
+                   indist_acc=summary["final"]["indist_acc"],
+                   parts=[f"{f['part']}: {f['problem']}" for f in verdict.get("faults", [])])
     except (OSError, KeyError, json.JSONDecodeError):
         row.update(verdict="(no verdict)", error=proc.stderr.strip().splitlines()[-1:] or [""])
     print(f"  {name}: {row.get('verdict')} {row.get('suspected_bugs', '')} ({row['seconds']} s)", flush=True)
@@ -48,25 +50,37 @@ def main():
     p.add_argument("--max-steps", type=int, default=500)
     p.add_argument("--seeds", type=int, nargs="*", default=[1, 2, 3, 4, 5], help="correct-stack seeds (none: bugs only)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="the 6 pipeline bugs of issue 11 (not the 8 model bugs), each at every --seeds seed, "
+                        "seed by seed, beside the correct stack")
+    p.add_argument("--bugs", nargs="*", help="with --pipeline: only these runs ('correct' for the correct stack)")
     p.add_argument("extra", nargs="*", help="more train-script flags after --, e.g. -- --set batch_size=64")
     args = p.parse_args()
-    plan = [(f"correct-seed{s}", ["--seed", str(s)]) for s in args.seeds]
-    plan += [(bug, ["--inject-bug", bug]) for bug in BUGS]
+    if args.pipeline:  # all runs of seed 1 first, then seed 2, ...: a cut-short table still covers every bug
+        plan = [(name, [*(["--inject-bug", bug] if bug else []), "--seed", str(s)])
+                for s in args.seeds for bug in ["", *PIPELINE_BUGS]
+                for name in [f"{bug or 'correct'}-seed{s}"] if not args.bugs or (bug or "correct") in args.bugs]
+    else:
+        plan = [(f"correct-seed{s}", ["--seed", str(s)]) for s in args.seeds]
+        plan += [(bug, ["--inject-bug", bug]) for bug in BUGS]
     print(f"{len(plan)} runs of {args.max_steps} steps, {args.jobs} at a time")
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda item: run_one(item[0], item[1], args), plan))
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "table.json"), "w") as f:
+    with open(os.path.join(args.out_dir, f"table-{args.max_steps}.json" if args.pipeline else "table.json"), "w") as f:
         json.dump(rows, f, indent=2)
-    print("\n| run | verdict | suspected_bugs | failed checks | answer loss | in-dist acc | s |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| run | verdict | suspected_bugs | faults (part: problem) | failed checks | answer loss | in-dist acc | s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run']} | {r['verdict']} | {', '.join(r.get('suspected_bugs', []))} | "
+              f"{', '.join(r.get('parts', []))} | "
               f"{', '.join(r.get('failed_checks', []))} | {r.get('answer_loss', float('nan')):.3f} | "
               f"{r.get('indist_acc', float('nan')):.1%} | {r['seconds']} |")
     # a bug is caught when the verdict is BROKEN and names the problem the bug is registered with
+    def bug_of(run):
+        return run.rsplit("-seed", 1)[0] if args.pipeline else run
     expected = all(r["verdict"] == "OK" for r in rows if r["run"].startswith("correct")) and all(
-        r["verdict"] == "BROKEN" and BUGS[r["run"]].problem in r.get("suspected_bugs", []) for r in rows
+        r["verdict"] == "BROKEN" and ALL_BUGS[bug_of(r["run"])].problem in r.get("suspected_bugs", []) for r in rows
         if not r["run"].startswith("correct"))
     print(f"\nall as expected: {expected}")
 

@@ -292,7 +292,6 @@ def test_checkpoint_whose_code_is_gone_is_a_one_line_error(tmp_path, own_sys_pat
 
 # ----------------------------------------------------------------------------- part B's optimizer detector
 
-@pytest.mark.xfail(reason="needs part B detector", strict=False)
 def test_adam_with_l2_weight_decay_is_broken_naming_the_optimizer(tmp_path, capsys):
     out = tmp_path / "adam"
     code, err = run_in_process(capsys, ARITH, ["--out-dir", str(out), "--max-steps", "30", "--set", "eval_interval=30",

@@ -269,6 +269,8 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
     from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
     from .trainer import METRICS_NAME, load_checkpoint, model_from_checkpoint, train
 
+    from .diagnose.bugs import wrap_task
+    task = wrap_task(task, cfg.inject_bug)  # the self-test's data bugs (unshifted_labels, bos_mismatch)
     if args.twin and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--twin runs its two models as two plain processes; under torchrun train one model "
                          "per job (--quant ternary, then --quant none)")
@@ -289,7 +291,8 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
         verdict = diagnose_run(model, histories["ternary"], histories["fp"], out_dir=args.out_dir,
                                metrics_paths={"ternary": os.path.join(runs["ternary"], METRICS_NAME),
                                               "fp twin": os.path.join(runs["fp"], METRICS_NAME)},
-                               learning_kwargs=task.learning_kwargs, stack=stack, **task.diagnosis_inputs(model))
+                               learning_kwargs=task.learning_kwargs, stack=stack, task=task,
+                               **task.diagnosis_inputs(model))
         outcome = conclude(summaries, verdict) if conclude else {}
         write_json_atomic(os.path.join(args.out_dir, "summary.json"),
                           {"ternary": summaries["ternary"], "fp": summaries["fp"], "comparison": comparison,
@@ -311,7 +314,7 @@ def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, chi
     model = result["model"].eval()
     verdict = diagnose_run(model, result["history"], out_dir=args.out_dir,
                            metrics_paths={cfg.quant: os.path.join(args.out_dir, METRICS_NAME)},
-                           learning_kwargs=task.learning_kwargs,
+                           learning_kwargs=task.learning_kwargs, task=task,
                            stack={"parts": plugged.parts(cfg), "twin": None} if plugged.parts(cfg) else None,
                            **task.diagnosis_inputs(model))
     outcome = conclude({cfg.quant: summary}, verdict) if conclude else {}

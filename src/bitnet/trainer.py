@@ -120,6 +120,10 @@ def make_optimizer(model: torch.nn.Module, cfg: BitNetConfig, device: torch.devi
     if cfg.optimizer_spec:  # --optimizer: the user's factory (bitnet.plugged), on their own module
         from .plugged import make_user_optimizer
         return make_user_optimizer(model, cfg)
+    if cfg.inject_bug:  # the self-test's optimizer bugs (diagnose/bugs.py); None for every other bug
+        from .diagnose.bugs import buggy_optimizer
+        if (opt := buggy_optimizer(model, cfg, device)) is not None:
+            return opt
     # Weight decay on matrices (latent BitLinear weights, embeddings, head), not on norm gains.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -642,7 +646,8 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             return
         contents = checkpoint_contents(model, opt, step, cfg, task, history,
                                        {"first_loss": first_loss, "loss_ema": loss_ema,
-                                        "planned_max_steps": cfg.max_steps if planned else 0}, on_eval)
+                                        "planned_max_steps": cfg.max_steps if planned else 0,
+                                        "param_fingerprints": signals.start}, on_eval)
         contents["task_state"] = task_state
         try:
             save_checkpoint(contents, ckpt_path, keep_previous)
@@ -664,11 +669,15 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             model.eval()
             m.update(on_eval(model, step))
             model.train()
+        m.update(signals(model, step, first_loss, loss_ema))  # what the pipeline detectors read
         m = {"step": step, **m}
         history.append(m)
         record({"kind": "eval", **m})
         return m
 
+    from .diagnose.health import TrainingSignals  # here: the diagnosis package imports this module
+    signals = TrainingSignals(model, opt, train_state.get("param_fingerprints"))  # a resume judges from step 0 too
+    first_loss, loss_ema = train_state.get("first_loss"), train_state.get("loss_ema")
     solved = getattr(task, "solved", None) if cfg.stop_when_solved else None
     budget, start_step, planned = TimeBudget(cfg, step), step, False
     model.train()
@@ -677,7 +686,6 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         run_eval()  # the loss at step 0 should sit near ln(vocab_size)
         budget.eval_s = time.time() - t_eval
     t0, tokens = time.time(), 0
-    first_loss, loss_ema = train_state.get("first_loss"), train_state.get("loss_ema")
     saved["time"] = t0
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.quant}", disable=quiet,
                dynamic_ncols=True, file=sys.stderr, mininterval=2.0)

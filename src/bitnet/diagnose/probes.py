@@ -91,10 +91,13 @@ def random_batch(model: nn.Module, batch_size: int = 2, seq_len: int = 16, seed:
     return ids[:, :-1].to(device), ids[:, 1:].to(device)
 
 
-def probe_all_parameters_trained(model: nn.Module) -> dict:
+def probe_all_parameters_trained(model: nn.Module, optimizer=None) -> dict:
     """A full-model backward reaches every trainable parameter with a finite gradient, and no module
     that owns state runs during forward without being registered in the model (a norm created
-    inside forward() is re-initialised on every call and never trained: norm_in_forward)."""
+    inside forward() is re-initialised on every call and never trained: norm_in_forward).
+    With `optimizer` (any torch optimizer) every trainable parameter must also be in one of its
+    param_groups (params_not_in_optimizer); after a run, detect_params_not_updated() reads the same
+    fact, and which parameters never moved, from the logged history."""
     registered = {id(m) for m in model.modules()}
     strays = []
 
@@ -121,8 +124,14 @@ def probe_all_parameters_trained(model: nn.Module) -> dict:
                 "unregistered_stateless_modules": dict(Counter(type(m).__name__ for m in strays
                                                                if type(m).__name__ not in stateful_strays))}
     passed = not no_grad and not non_finite and not stateful_strays
-    return result("all_parameters_trained", passed, evidence,
-                  "norm_in_forward" if (no_grad or stateful_strays) else None)
+    suspect = "norm_in_forward" if (no_grad or stateful_strays) else None
+    if optimizer is not None:
+        from .health import params_missing_from_optimizer
+        missing = params_missing_from_optimizer(model, optimizer)
+        evidence.update(params_not_in_optimizer=missing[:10], n_params_not_in_optimizer=len(missing))
+        if missing:
+            passed, suspect = False, suspect or "params_not_in_optimizer"
+    return result("all_parameters_trained", passed, evidence, suspect)
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -205,12 +214,64 @@ def probe_init_output_scale(model: nn.Module, low: float = 0.25, high: float = 4
     return result("init_output_scale", passed, evidence, "missing_rescale" if ratio > high else "wrong_weight_scale")
 
 
-MODEL_PROBES = (probe_all_parameters_trained, probe_residual_paths, probe_init_output_scale)
+def vocab_size_of(model: nn.Module) -> int:
+    """The vocabulary of any causal LM: its config's vocab_size, else the logits' last dimension."""
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    if v:
+        return int(v)
+    with eval_mode(model), torch.no_grad():
+        return int(logits_of(model, torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device)).shape[-1])
+
+
+def probe_causal_attention(model: nn.Module, seq_len: int = 16, tolerance: float = 1e-6) -> dict:
+    """Change the tokens from position k on: the logits of the positions before k must not move.
+
+    The model is a black box (input_ids [B, T] -> logits, or (logits, loss)), run on a float64
+    copy where a causal stack reproduces the earlier logits to ~1e-15 (float32 where the model
+    does not run in float64, at a looser 1e-3). A position that sees the future -> no_causal_mask.
+    """
+    max_len = getattr(getattr(model, "config", None), "max_position_embeddings", seq_len) or seq_len
+    seq_len, vocab = min(seq_len, max_len), vocab_size_of(model)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, vocab, (2, seq_len), generator=g)
+    k = seq_len // 2
+    changed = ids.clone()
+    changed[:, k:] = (ids[:, k:] + torch.randint(1, vocab, (2, seq_len - k), generator=g)) % vocab
+    try:
+        probe_model, tol = copy.deepcopy(model).to(device="cpu", dtype=torch.float64), tolerance
+        with eval_mode(probe_model), torch.no_grad():
+            a, b = logits_of(probe_model, ids), logits_of(probe_model, changed)
+    except (RuntimeError, TypeError):  # a model that will not run in float64
+        probe_model, tol = model, max(tolerance, 1e-3)
+        device = next(model.parameters()).device
+        with eval_mode(probe_model), torch.no_grad():
+            a, b = logits_of(probe_model, ids.to(device)), logits_of(probe_model, changed.to(device))
+    a, b = a.float().cpu(), b.float().cpu()
+    scale = a[:, :k].abs().max().clamp(min=1e-30)
+    early = float((a[:, :k] - b[:, :k]).abs().max() / scale)  # must be ~0: these positions cannot see k
+    late = float((a[:, k:] - b[:, k:]).abs().max() / scale)  # a sanity figure: the changed positions move
+    passed = early <= tol
+    evidence = {"positions": seq_len, "changed_from": k, "earlier_logits_relative_change": early,
+                "later_logits_relative_change": late, "tolerance": tol}
+    if not passed:
+        evidence["finding"] = (f"changing the tokens from position {k} on moved the logits of earlier positions by "
+                               f"{early:.2g} (relative; a causal model: 0): attention sees future tokens")
+    return result("causal_attention", passed, evidence, None if passed else "no_causal_mask")
+
+
+MODEL_PROBES = (probe_all_parameters_trained, probe_residual_paths, probe_init_output_scale, probe_causal_attention)
 PROBE_NAMES = LAYER_CHECKS + tuple(p.__name__.removeprefix("probe_") for p in MODEL_PROBES)
 
 
 def run_probes(model: nn.Module) -> list[dict]:
     """The layer checks on every quantized layer, then the model probes; the model is left as it was."""
     skip = getattr(model, "probes_not_applicable", {})  # a plugged-in model (bitnet.plugged) lacks our blocks
-    return run_layer_probes(model) + [result(name, True, {"not_applicable": skip[name]}) if name in skip else probe(model)
-                                      for name, probe in zip(PROBE_NAMES[len(LAYER_CHECKS):], MODEL_PROBES)]
+    layer_results = run_layer_probes(model)
+    model_results = [result(name, True, {"not_applicable": skip[name]}) if name in skip else probe(model)
+                     for name, probe in zip(PROBE_NAMES[len(LAYER_CHECKS):], MODEL_PROBES)]
+    if any(r["name"] == "per_token_scale" and not r["passed"] for r in layer_results):
+        for r in model_results:  # one activation scale over the sequence carries the future into the past
+            if r["name"] == "causal_attention" and not r["passed"]:
+                r["suspected_bug"] = "per_tensor_act_scale"
+                r["evidence"]["finding"] += " (here through an activation scale shared by all tokens, not attention)"
+    return layer_results + model_results

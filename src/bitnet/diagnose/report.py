@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..trainer import CKPT_NAME, METRICS_NAME, TrainingError, find_runs, load_checkpoint, model_from_checkpoint
-from .detectors import learning_summary, run_detectors
+from .detectors import format_scores, learning_summary, run_detectors
 from .health import QuantHealthTracker, summarise_quant_health
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics
 from .probes import run_probes
@@ -27,20 +27,22 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
                  out_dir: str | None = None, metrics_paths: dict[str, str] | None = None,
                  samples: list[str] | None = None, known_words: set[str] | None = None,
                  arithmetic_answers: list[str] | None = None, batch=None, log=print,
-                 learning_kwargs: dict | None = None, stack: dict | None = None) -> dict:
+                 learning_kwargs: dict | None = None, stack: dict | None = None, task=None) -> dict:
     """Probes, detectors and verdict at the end of a run (what a train script calls).
 
     `history`/`twin_history`: the runs' evaluation dicts; `metrics_paths`: {label: metrics.jsonl}
     for the pictures, ternary first. With `out_dir`, verdict.json and the PNGs are written there.
     `stack` ({"parts": {part: SPEC}, "twin": description}, a run with the user's own parts) adds
     verdict["your_stack"], one line on what the run says about those parts (bitnet.plugged).
+    `task`, when it scores teacher-forced and greedy answers (format_scores), lets the train/inference format check run.
     """
     cfg = model.config
     probes = run_probes(model)
     log("\nprobes:\n" + format_results(probes))
     learning_kwargs = learning_kwargs or {}
     detectors = run_detectors(history, cfg.vocab_size, cfg.warmup_steps, samples=samples, known_words=known_words,
-                              arithmetic_answers=arithmetic_answers, model=model, batch=batch, **learning_kwargs)
+                              arithmetic_answers=arithmetic_answers, model=model, batch=batch,
+                              format_hits=format_scores(task, model), **learning_kwargs)
     log("\ndetectors:\n" + format_results(detectors))
     ternary = learning_summary(history, cfg.vocab_size, cfg.warmup_steps, **learning_kwargs)
     log(f"\n{'ternary' if cfg.quant == 'ternary' else 'this run'}: {ternary['reason']}")
@@ -78,10 +80,11 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
     print(f"run: {ternary_path} (step {step}, quant={cfg.quant}, {type(cfg).__name__}"
           f"{', inject_bug=' + cfg.inject_bug if cfg.inject_bug else ''})")
 
-    batch, answers = None, None  # other tasks: random tokens, and no sample detectors
+    batch, answers, task = None, None, None  # other tasks: random tokens, and no sample detectors
     if (ckpt.get("task") or {}).get("task") == "arithmetic":
         from ..data_arithmetic import ArithmeticTask, arithmetic_answers
-        task = ArithmeticTask(cfg)
+        from .bugs import wrap_task
+        task = wrap_task(ArithmeticTask(cfg), cfg.inject_bug)  # a data bug of the self-test, as it was trained
         batch = task.get_batch(0, 16)
         answers = arithmetic_answers(task, model)
 
@@ -109,7 +112,8 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
         twin = twin_kind(model_from_checkpoint(twin_ckpt)) if twin_history and twin_ckpt else None
         stack = {"parts": parts(cfg), "twin": twin}
     return diagnose_run(model, history, twin_history, out_dir=out_dir if write else None, metrics_paths=paths,
-                        arithmetic_answers=answers, batch=batch, stack=stack)
+                        arithmetic_answers=answers, batch=batch, task=task, stack=stack,
+                        learning_kwargs=getattr(task, "learning_kwargs", None))
 
 
 def main(argv=None):

@@ -36,12 +36,70 @@ def compare_twins(ternary: list[dict], twin: list[dict], milestones: dict[str, f
 
 NON_FINITE = "non_finite"
 
+# Each problem a check can name: the part of the stack that holds it, and the fix. A failed layer
+# check is always the layer's (norm_in_forward is then the layer's own norm).
+PROBLEMS = {
+    "no_ste": ("layer", "pass the quantizers' gradients straight through: w + (quant(w) - w).detach(), the same for x"),
+    "missing_rescale": ("layer", "divide the integer product back by both scales (or dequantize x_q/s_x and w_q/s_w "
+                                 "before the matmul)"),
+    "per_tensor_act_scale": ("layer", "one activation scale per token: 127 / x.abs().amax(dim=-1, keepdim=True)"),
+    "quantizes_output": ("layer", "quantize the layer's input activations before the matmul, not its output"),
+    "binary_not_ternary": ("layer", "ternary weights: round(W / mean|W|).clamp(-1, 1) * mean|W|, not sign(W)"),
+    "binary_activations": ("layer", "8-bit activations: round(x * 127 / absmax).clamp(-128, 127), not sign(x)"),
+    "act_not_rounded": ("layer", "round the scaled activations to integers (then clamp to [-128, 127])"),
+    "wrong_norm_scale": ("layer", "normalize to unit RMS (RMSNorm), not F.normalize(x) * dim**-0.5"),
+    "wrong_weight_scale": ("layer", "scale by s = 1 / mean|W|: round(W * s).clamp(-1, 1) / s"),
+    "bias_unused": ("layer", "add the bias to the output, or build the layer with bias=False"),
+    "weights_not_trainable": ("layer", "keep the latent weight an nn.Parameter with requires_grad=True, built in __init__"),
+    "weights_not_quantized": ("layer", "quantize the weights to ternary in forward (absmean), not a plain nn.Linear"),
+    "norm_in_forward": ("model", "build the norm once in __init__ so it is registered, trained and saved"),
+    "residual_bug": ("model", "keep both residuals: x = x + attn(norm(x)); x = x + mlp(norm(x))"),
+    "no_causal_mask": ("model", "mask future positions: scaled_dot_product_attention(..., is_causal=True) or a "
+                                "lower-triangular mask"),
+    "init_scale_too_large": ("model", "initialise embeddings (and a tied head) with std ~0.02 (initializer_range), "
+                                      "not nn.Embedding's default N(0, 1)"),
+    "coupled_weight_decay": ("optimizer", "use torch.optim.AdamW (decoupled weight decay), or Adam with weight_decay=0"),
+    "params_not_in_optimizer": ("optimizer", "build the optimizer from model.parameters(), or from groups that cover "
+                                             "every trainable parameter"),
+    "unshifted_labels": ("data", "labels are the next tokens: y[t] = x[t+1] (shift by one, unless the model shifts "
+                                 "internally)"),
+    "train_inference_mismatch": ("data", "format inference prompts exactly as training sequences (the same BOS and "
+                                         "special tokens, the same spacing)"),
+}
+# A fault that explains another check's failure: the latter is then not reported as a fault of its
+# own (its check stays in failed_checks). A model that sees the answer while teacher-forced scores
+# high there and fails to generate; latent weights that decay collapsed below the quantizer's
+# 1e-5 clamp on mean|W| round to zero in any layer, so the layer probes read wrong_weight_scale;
+# a layer that never divides its scales out makes the first loss huge as a bad init would.
+EXPLAINS = {"no_causal_mask": {"train_inference_mismatch"}, "coupled_weight_decay": {"wrong_weight_scale"},
+            "missing_rescale": {"init_scale_too_large"}}
+
+
+def faults_of(failed: list[dict]) -> list[dict]:
+    """{part, problem, evidence, fix, check} for every failed check that names a problem."""
+    from .layer_probes import LAYER_CHECKS
+    named = [r for r in failed if r.get("suspected_bug")]
+    explained = {e for r in named for e in EXPLAINS.get(r["suspected_bug"], ())}
+    faults = {}
+    for r in named:
+        problem = r["suspected_bug"]
+        if problem in explained or problem in faults:
+            continue
+        part, fix = PROBLEMS.get(problem, ("model", "see the README's problem names"))
+        finding = r["evidence"].get("finding") or f"{r['name']} failed: {json.dumps(r['evidence'], default=str)[:240]}"
+        faults[problem] = {"part": "layer" if r["name"] in LAYER_CHECKS else part, "problem": problem,
+                           "evidence": finding, "fix": fix, "check": r["name"]}
+    return list(faults.values())
+
 
 def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict | None = None,
                  detectors: list[dict] = ()) -> dict:
     """OK / BROKEN / INCONCLUSIVE, conservatively, in this order:
 
-    1. Any probe fails                              -> BROKEN; suspected_bugs = the probes' suspects.
+    1. Any probe fails, or a detector that names a problem (the pipeline checks: init loss,
+       weight collapse, label shift, train/inference format, parameters never updated)
+                                                    -> BROKEN; suspected_bugs = the problems named,
+                                                       faults = [{part, problem, evidence, fix}].
     2. The ternary run counts as learning when learning_summary() says it learns and its
        non_finite detector passed (a run that hit NaN/Inf did not finish).
     3. With a twin (the same config with quant="none", same data order and seed):
@@ -67,13 +125,18 @@ def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict |
                 "ternary": ternary_summary, "twin": twin_summary, "ternary_learns": ternary_learns,
                 "twin_learns": twin_learns}
     failed_checks, suspected, warnings = [], [], []
+    faults = faults_of(failed_probes + failed_detectors)
+    named_detectors = [d for d in failed_detectors if d.get("suspected_bug")]
 
-    if failed_probes:
+    if failed_probes or named_detectors:
         verdict = "BROKEN"
         failed_checks = [p["name"] for p in failed_probes] + [d["name"] for d in failed_detectors]
-        suspected = list(dict.fromkeys(p["suspected_bug"] for p in failed_probes if p["suspected_bug"]))
-        evidence["failed_probes"] = {p["name"]: p["evidence"] for p in failed_probes}
-        reason = "probe(s) failed on the model instance: " + ", ".join(p["name"] for p in failed_probes)
+        suspected = [f["problem"] for f in faults]
+        if failed_probes:
+            evidence["failed_probes"] = {p["name"]: p["evidence"] for p in failed_probes}
+        reason = "; ".join(
+            ([f"probe(s) failed on the model instance: {', '.join(p['name'] for p in failed_probes)}"] if failed_probes else [])
+            + ([f"pipeline check(s) failed: {', '.join(d['name'] for d in named_detectors)}"] if named_detectors else []))
     elif ternary_learns:
         verdict = "OK"
         warnings = [d["name"] for d in failed_detectors]
@@ -95,7 +158,8 @@ def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict |
         evidence["failed_detectors"] = {d["name"]: d["evidence"] for d in failed_detectors}
     evidence["warnings"] = warnings
     evidence["reason"] = reason
-    return {"verdict": verdict, "failed_checks": failed_checks, "suspected_bugs": suspected, "evidence": evidence}
+    return {"verdict": verdict, "failed_checks": failed_checks, "suspected_bugs": suspected, "faults": faults,
+            "evidence": evidence}
 
 
 def write_verdict(out_dir: str, verdict: dict) -> str:
@@ -115,6 +179,8 @@ def format_verdict(verdict: dict) -> str:
         lines.append("  failed checks: " + ", ".join(verdict["failed_checks"]))
     if verdict["suspected_bugs"]:
         lines.append("  suspected bugs: " + ", ".join(verdict["suspected_bugs"]))
+    for f in verdict.get("faults", []):
+        lines.append(f"  {f['part']}: {f['problem']}: {f['evidence']}; fix: {f['fix']}")
     if verdict["evidence"].get("warnings"):
         lines.append("  warnings: " + ", ".join(verdict["evidence"]["warnings"]))
     return "\n".join(lines)
