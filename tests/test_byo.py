@@ -292,12 +292,14 @@ def test_checkpoint_whose_code_is_gone_is_a_one_line_error(tmp_path, own_sys_pat
 
 # ----------------------------------------------------------------------------- part B's optimizer detector
 
-def test_adam_with_l2_weight_decay_is_broken_naming_the_optimizer(tmp_path, capsys):
+def test_adam_with_l2_weight_decay_is_named_as_the_optimizer(tmp_path, capsys):
+    """30 steps of a tiny model are too few for coupled decay to collapse the weights (at the CPU
+    preset it does within 400 steps and reads BROKEN: RESULTS.md, issue 11), so the verdict stays
+    with the evidence and names the optimizer as a warning."""
     out = tmp_path / "adam"
     code, err = run_in_process(capsys, ARITH, ["--out-dir", str(out), "--max-steps", "30", "--set", "eval_interval=30",
                                                *SMALL_ARITH, *MODEL, "--optimizer", "examples/adapter.py:adam_l2"])
     assert code == 0, err
     verdict = json.loads((out / "verdict.json").read_text())
-    assert verdict["verdict"] == "BROKEN"
-    named = verdict["failed_checks"] + verdict["suspected_bugs"] + [f.get("part", "") for f in verdict.get("faults", [])]
-    assert any("optimizer" in name for name in named), verdict  # part B names the part a fault is in
+    named = [w for w in verdict["evidence"]["warnings"] if w.startswith("optimizer: Adam with weight_decay=0.1")]
+    assert named and "AdamW" in named[0], verdict["evidence"]["warnings"]

@@ -143,8 +143,9 @@ def apply_schedule(opt: torch.optim.Optimizer, cfg: BitNetConfig, lr: float, wd:
             group["weight_decay"] = wd if group["decay"] else 0.0
         else:
             group["lr"] = group["initial_lr"] * lr / cfg.learning_rate
-            if "weight_decay" in group:
-                group["weight_decay"] = group["initial_weight_decay"] if wd else 0.0
+            if "weight_decay" in group:  # off only where the schedule turns decay off (two_stage's stage two),
+                # not because our own weight_decay is 0: the user's optimizer keeps its own decay
+                group["weight_decay"] = 0.0 if cfg.weight_decay and not wd else group["initial_weight_decay"]
 
 
 @contextlib.contextmanager

@@ -156,6 +156,14 @@ def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict |
                   "the ternary model does not learn and there is no twin to tell a broken stack from a hard task")
     if failed_detectors:
         evidence["failed_detectors"] = {d["name"]: d["evidence"] for d in failed_detectors}
+    decay = next((d for d in detectors if d["name"] == "weight_decay_collapse" and d["passed"]), None)
+    if decay and decay["evidence"].get("coupled_weight_decay"):
+        # The configuration is the known fault, but this run's weights have not collapsed (yet): in
+        # a short or tiny run large gradients outweigh the L2 term. Named, not judged BROKEN.
+        opt = decay["evidence"]["optimizer"]
+        warnings.append(f"optimizer: {opt.get('type')} with weight_decay={opt.get('max_weight_decay'):g} adds L2 decay "
+                        f"to the gradient (not AdamW's decoupled decay); no collapse of the weights yet in this run, "
+                        f"but in longer runs it swamps the gradient: use torch.optim.AdamW")
     evidence["warnings"] = warnings
     evidence["reason"] = reason
     return {"verdict": verdict, "failed_checks": failed_checks, "suspected_bugs": suspected, "faults": faults,
