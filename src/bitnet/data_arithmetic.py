@@ -56,8 +56,9 @@ def parse_problem(line: str) -> tuple[int, str, int, int]:
     return int(m[1]), m[2], int(m[3]), int(m[4])
 
 
-def format_prompt(a: int, op: str, b: int) -> str:
-    return f"{a} {op} {b} ="
+def format_prompt(a: int, op: str, b: int, width_a: int = 0, width_b: int = 0) -> str:
+    """'12 + 7 =', or with widths (pad_numbers) '12 + 07 ='."""
+    return f"{a:0{width_a}d} {op} {b:0{width_b}d} ="
 
 
 PROMPT_RE = re.compile(r"^(\s*)(\d+)\s*([-+*/])\s*(\d+)\s*=(.*)$", re.S)
@@ -71,7 +72,7 @@ def match_format(prompt: str, number_format: dict) -> str:
     if not number_format or not m or m[3] not in number_format:
         return prompt
     wa, wb, _ = number_format[m[3]]
-    return f"{m[1]}{int(m[2]):0{wa}d} {m[3]} {int(m[4]):0{wb}d} ={m[5]}"
+    return m[1] + format_prompt(int(m[2]), m[3], int(m[4]), wa, wb) + m[5]
 
 
 def solve(a: int, op: str, b: int) -> int:
@@ -142,10 +143,7 @@ class ArithmeticDomain:
         return tuple(len(str(n)) for n in widest)
 
     def prompt(self, a: int, op: str, b: int) -> str:
-        if not self.pad_numbers:
-            return format_prompt(a, op, b)
-        wa, wb, _ = self.widths(op)
-        return f"{a:0{wa}d} {op} {b:0{wb}d} ="
+        return format_prompt(a, op, b, *self.widths(op)[:2]) if self.pad_numbers else format_prompt(a, op, b)
 
     def answer(self, a: int, op: str, b: int) -> str:
         return f"{solve(a, op, b):0{self.widths(op)[2] if self.pad_numbers else 0}d}"
