@@ -350,32 +350,72 @@ class FakeClock:
 
 def test_time_budget_plans_steps_from_the_measured_speed(arith_cfg, monkeypatch):
     import bitnet.trainer as trainer
-    cfg = arith_cfg(time_budget_s=100.0, warmup_steps=10, eval_interval=50, max_steps=7)
+    cfg = arith_cfg(time_budget_s=100.0, warmup_steps=10, eval_interval=50, max_steps=7, learning_rate=1e-2)
     clock = FakeClock(0.0)
     monkeypatch.setattr(trainer, "time", clock)
     budget = trainer.TimeBudget(cfg, start_step=0)
-    budget.eval_s = 2.0
+    budget.note_eval(2.0)
     for step in range(1, 20):
         clock.now += 0.1 if step > 5 else 5.0  # slow first steps (compile), then 0.1 s a step
-        planned = budget.after_step(cfg, step, 0)
-        assert planned is cfg or step == 20
+        assert budget.after_step(cfg, step, 0) is cfg  # no plan before warm-up ends
     clock.now += 0.1
     planned = budget.after_step(cfg, 20, 0)
-    elapsed = clock.now - 1000.0
-    want = 20 + int((100.0 - elapsed - 2 * 2.0) / (0.1 + 2.0 / 50))
+    want = 20 + int((100.0 - (clock.now - 1000.0) - 2 * 2.0) / (0.1 + 2.0 / 50))
     assert planned.max_steps == want and want > 400  # the budget, not the preset's 7 steps, sets the length
-    assert not budget.done
-    # the run got faster (0.05 s a step): 400 steps later the plan is made again from the speed since
-    for step in range(21, 420):
-        clock.now += 0.05
-        assert budget.after_step(planned, step, 0) is planned
-    clock.now += 0.05
-    again = budget.after_step(planned, 420, 0)
-    want = 420 + int((100.0 - (clock.now - 1000.0) - 2 * 2.0) / (0.05 + 2.0 / 50))
-    assert again.max_steps == want > planned.max_steps and budget.done
-    assert not budget.over()
-    clock.now += 100.0
-    assert budget.over()
+    assert not budget.done and not budget.over()
+
+    def run(cfg, steps, sec_per_step, eval_every=50):
+        """Steps at `sec_per_step`, a 2 s evaluation at every multiple of 50; the plans made on the way."""
+        plans = []
+        for step in steps:
+            clock.now += sec_per_step
+            new = budget.after_step(cfg, step, 0)
+            if new is not cfg:
+                plans.append((step, new.max_steps, clock.now - 1000.0))
+                cfg = new
+            if step % eval_every == 0:
+                clock.now += 2.0
+                budget.note_eval(2.0)
+        return cfg, plans
+
+    # the machine gets faster (0.05 s a step): the next evaluation's plan buys more steps, from the
+    # training speed since the previous plan (the evaluation's 2 s are counted apart)
+    first = planned.max_steps
+    planned, plans = run(planned, range(21, 101), 0.05)
+    assert plans and plans[0][0] == 50 and planned.max_steps > first
+    for step, steps, elapsed in plans:
+        assert steps == step + int((100.0 - elapsed - 2 * 2.0) / (0.05 + 2.0 / 50))
+    # late in the cosine a much slower machine would cut the plan, and so the rate, sharply: that
+    # plan is refused (the hard stop still ends the run in time); past 80% of the plan, none is made
+    late = int(0.7 * planned.max_steps) // 50 * 50
+    planned, _ = run(planned, range(101, late + 1), 0.05)
+    before = planned.max_steps
+    planned, plans = run(planned, range(late + 1, late + 51), 0.5)
+    assert planned.max_steps == before and plans == []
+    planned, _ = run(planned, range(late + 51, int(0.85 * before) // 50 * 50 + 1), 0.05)
+    assert budget.done
+    assert budget.over()  # the slow stretch spent the time the refused plan would have taken back
+
+
+def test_time_budget_replan_keeps_a_restart_schedule_in_its_cycle(arith_cfg, monkeypatch):
+    """A re-plan that would move a run out of its restart cycle (its rate back to a peak, or down
+    to the floor) is not taken."""
+    import bitnet.trainer as trainer
+    cfg = arith_cfg(time_budget_s=1000.0, warmup_steps=10, eval_interval=50, max_steps=4500,
+                    restart_steps=2900, restart_lr_ratio=0.3, learning_rate=1e-2)
+    clock = FakeClock(0.0)
+    monkeypatch.setattr(trainer, "time", clock)
+    budget = trainer.TimeBudget(cfg, start_step=3000)
+    budget.first_plan = 3000  # as if planned before: every evaluation from here re-plans
+    clock.now += 1.0
+    budget.after_step(cfg, 3005, 3000)
+    clock.now += 45 * 0.2
+    # 0.2 s a step buys (1000 - 10) / 0.2 ~ 4,950 more steps: a longer second cycle, and a rate that
+    # moves a little; at 2 s a step the plan (~500 steps) would end the second cycle's rise: refused
+    faster = budget.after_step(cfg, 3050, 3000)
+    assert faster is not cfg and faster.max_steps > cfg.max_steps
+    clock.now += 50 * 2.0
+    assert budget.after_step(faster, 3100, 3000) is faster
 
 
 def test_time_budget_off_leaves_max_steps(arith_cfg):

@@ -522,45 +522,60 @@ RESUME_MAY_CHANGE = ("max_steps", "eval_interval", "checkpoint_interval_s", "tim
 class TimeBudget:
     """Fits max_steps to `cfg.time_budget_s` from the speed measured during the run.
 
-    The plan is made when warm-up ends (the learning rate does not depend on max_steps before
-    then): steps = what the remaining time buys at the measured steps/s, less the cost of the
-    evaluations those steps bring (timed on the first one). The first steps run slower (compiling,
-    warming caches), so the plan is made once more `REPLAN_AFTER` steps later from the speed since;
-    the cosine moves a little there, early, while the rate is still near its peak. With
+    The first plan is made when warm-up ends (the learning rate does not depend on max_steps
+    before then): steps = what the remaining time buys at the measured seconds per training step,
+    less the cost of the evaluations those steps bring. It is made again at every evaluation from
+    the speed since the previous plan, so a machine that gets busier or quieter partway through
+    buys fewer or more steps (the first steps, compiling and warming caches, stop weighing on it).
+    A re-plan that would move the current learning rate by more than `MAX_LR_JUMP` of its peak is
+    not taken (late in a cosine, or across a restart's boundary), and none is made once
+    `FREEZE_AT` of the planned steps are done: the end of the annealing is left alone. With
     stop_when_solved an easy run still ends early, at its first solved evaluation. `over()` is the
     hard stop.
     """
 
-    REPLAN_AFTER = 400
+    FREEZE_AT = 0.8
+    MAX_LR_JUMP = 0.1
 
     def __init__(self, cfg: BitNetConfig, start_step: int):
         self.budget, self.t0 = cfg.time_budget_s, time.time()
-        first = start_step + max(cfg.warmup_steps, 20)
-        self.plan_at = [first, first + self.REPLAN_AFTER]
-        self.rate_from = None  # (step, time) once the first steps (and any compile) are behind
-        self.eval_s = 0.0
+        self.first_plan = start_step + max(cfg.warmup_steps, 20)
+        self.frozen = False
+        self.rate_from = None  # (step, time, eval seconds so far) once the first steps (and any compile) are behind
+        self.eval_s = 0.0  # the latest evaluation's cost
+        self.eval_total = 0.0
 
     @property
     def done(self) -> bool:
-        return not self.budget or not self.plan_at
+        return not self.budget or self.frozen
+
+    def note_eval(self, seconds: float):
+        self.eval_s, self.eval_total = seconds, self.eval_total + seconds
 
     def after_step(self, cfg: BitNetConfig, step: int, start_step: int, ctx=None) -> BitNetConfig:
         if self.done:
             return cfg
         if step == start_step + 5:
-            self.rate_from = (step, time.time())
-        if step == self.plan_at[0] and self.rate_from:
-            self.plan_at.pop(0)
-            s0, t_s0 = self.rate_from
-            now = time.time()
-            sec_per_step = (now - t_s0) / max(1, step - s0)
-            self.rate_from = (step, now)  # the next plan measures from here
-            remaining = self.budget - (now - self.t0) - 2 * self.eval_s  # the final eval + margin
-            steps = max(step + 1, step + int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval)))
-            if ctx is not None and ctx.world_size > 1:  # every process takes the slowest one's plan
-                steps = int(-distributed.max_over_ranks(torch.tensor(-float(steps)), ctx))
-            cfg = replace(cfg, max_steps=steps)
-        return cfg
+            self.rate_from = (step, time.time(), self.eval_total)
+        due = step == self.first_plan or (step > self.first_plan and step % cfg.eval_interval == 0)
+        if not due or not self.rate_from:
+            return cfg
+        s0, t_s0, e0 = self.rate_from
+        now = time.time()
+        sec_per_step = (now - t_s0 - (self.eval_total - e0)) / max(1, step - s0)  # training only
+        self.rate_from = (step, now, self.eval_total)  # the next plan measures from here
+        remaining = self.budget - (now - self.t0) - 2 * self.eval_s  # the final eval + margin
+        steps = max(step + 1, step + int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval)))
+        if ctx is not None and ctx.world_size > 1:  # every process takes the slowest one's plan
+            steps = int(-distributed.max_over_ranks(torch.tensor(-float(steps)), ctx))
+        if steps == cfg.max_steps:
+            return cfg
+        planned = replace(cfg, max_steps=steps)
+        if step > self.first_plan and abs(lr_and_wd(planned, step)[0] - lr_and_wd(cfg, step)[0]) \
+                > self.MAX_LR_JUMP * cfg.learning_rate:
+            planned = cfg  # the same on every process: the rates compared come from the shared plan
+        self.frozen = step >= self.FREEZE_AT * planned.max_steps
+        return planned
 
     def over(self, ctx=None) -> bool:
         over = bool(self.budget) and time.time() - self.t0 > self.budget - self.eval_s
@@ -685,7 +700,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     if step == 0 and not history:
         t_eval = time.time()
         run_eval()  # the loss at step 0 should sit near ln(vocab_size)
-        budget.eval_s = time.time() - t_eval
+        budget.note_eval(time.time() - t_eval)
     t0, tokens = time.time(), 0
     saved["time"] = t0
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.quant}", disable=quiet,
@@ -732,12 +747,15 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         if not budget.done:
             planned_cfg = budget.after_step(cfg, step, start_step, ctx)
             if planned_cfg is not cfg:
+                if not planned or abs(planned_cfg.max_steps - cfg.max_steps) >= 0.01 * cfg.max_steps:
+                    log(f"time budget {budget.budget:.0f} s: {planned_cfg.max_steps} steps at the measured speed")
                 cfg, planned = planned_cfg, True
                 bar.total = cfg.max_steps
-                log(f"time budget {budget.budget:.0f} s: {cfg.max_steps} steps at the measured speed")
         out_of_time = budget.over(ctx)
         if step % cfg.eval_interval == 0 or step >= cfg.max_steps or out_of_time:
+            t_eval = time.time()
             m = run_eval()
+            budget.note_eval(time.time() - t_eval)
             checkpoint()
             if solved is not None and solved(m):
                 log(f"solved at step {step}: every validation score >= {task.solve_target:.1%}; stopping")
