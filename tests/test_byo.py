@@ -220,6 +220,26 @@ def test_twin_falls_back_to_our_fp_model_and_says_so(own_sys_path):
     assert "your layer does not learn while our own fp model, not yours" in line
 
 
+def test_your_stack_line_names_the_faulty_part_before_the_probes_it_broke():
+    """Coupled decay drives the weights below the quantizer's clamp, so the layer probes fail too:
+    the line names the user's optimizer as the cause and the probes as its consequence."""
+    from bitnet import diagnose
+    from bitnet.diagnose import detectors as det
+    from bitnet.plugged import stack_statement
+    zeros = diagnose.result("weights_ternary", False, {"why": "(almost) every weight is zero"}, "wrong_weight_scale")
+    collapse = det.detect_weight_collapse([{"step": 0, "val_loss": 3.5, "weight_rms": 0.02},
+                                           {"step": 400, "val_loss": 3.4, "weight_rms": 4e-7}], 32)
+    stalls = {"learns": False, "reason": "flat"}
+    v = diagnose.make_verdict([zeros], stalls, stalls, [collapse])
+    line = stack_statement({"parts": {"optimizer": "m:opt"}, "twin": "our own fp model"}, v, [], [])
+    assert "the fault is your optimizer: coupled_weight_decay" in line
+    assert "weights_ternary fail as a consequence of it, not of the layer" in line
+    layer = diagnose.result("weights_ternary", False, {}, "missing_rescale")
+    v = diagnose.make_verdict([layer], stalls, stalls, [])
+    line = stack_statement({"parts": {"layer": "m:L"}, "twin": "x"}, v, [], [])
+    assert line.endswith("the fault is your layer: missing_rescale")
+
+
 def test_a_user_package_called_bitnet_loads_beside_ours(own_sys_path, tmp_path):
     import bitnet.model
     cfg = cfg_with(model_spec="bitnet.adapter:build", optimizer_spec="bitnet.adapter:optimizer",

@@ -184,6 +184,29 @@ def test_format_mismatch_pairs_teacher_forced_with_greedy():
     assert det.detect_format_mismatch(None, wrong)["passed"]
 
 
+def test_prompt_format_compares_training_rows_with_the_inference_encoding():
+    """No model needed: the tokens of training rows against how inference encodes the same prompts."""
+    from bitnet.diagnose.report import token_namer
+    task = ArithmeticTask(tiny_cfg())
+    pairs = det.prompt_token_pairs(task)
+    assert len(pairs) == 16 and all(t == i for t, i in pairs) and pairs[0][1][0] == task.tok.bos_id
+    assert det.detect_prompt_format(pairs)["passed"]
+    buggy = wrap_task(ArithmeticTask(tiny_cfg()), "bos_mismatch")
+    broken = det.detect_prompt_format(det.prompt_token_pairs(buggy), token_namer(buggy))
+    assert not broken["passed"] and broken["suspected_bug"] == "train_inference_mismatch"
+    assert broken["evidence"]["rows_differing"] == 16
+    assert "inference puts id 1 ('<bos>') first" in broken["evidence"]["finding"]
+    v = diagnose.make_verdict(PASS, LEARNS, None, [broken])
+    assert v["verdict"] == "BROKEN" and [f["part"] for f in v["faults"]] == ["data"]
+    # the other ways two formats differ: a token training has and inference drops, a changed token
+    lacks = det.detect_prompt_format([([1, 5, 6, 7], [5, 6, 7])] * 3)
+    assert "training rows start with 1, which inference prompts lack" in lacks["evidence"]["finding"]
+    spaced = det.detect_prompt_format([([1, 5, 9, 7], [1, 5, 8, 7])] * 3)
+    assert "at position 2 training has 9, inference 8" in spaced["evidence"]["finding"]
+    assert det.detect_prompt_format([([1, 5], [1, 5])] * 3 + [([5], [1])] * 2)["passed"]  # a minority: noise
+    assert det.prompt_token_pairs(object()) is None and det.detect_prompt_format(None)["passed"]
+
+
 def test_format_check_finds_nothing_on_a_tiny_trained_correct_run(tmp_path, arith_cfg):
     """The '*' 0-5 task learns in 200 CPU steps: teacher-forced and greedy agree problem by problem.
     (This tiny model still answers when prompted with a BOS it never saw; the preset does not:
@@ -236,8 +259,9 @@ def test_the_correct_stack_logs_signals_that_raise_no_fault(tmp_path):
     out, task = run(tmp_path, max_steps=20, eval_interval=10)
     model = out["model"].eval()
     results = diagnose.run_detectors(out["history"], 32, 2, model=model, batch=task.get_batch(0, 16),
-                                     format_hits=det.format_scores(task, model), metric="indist_acc", min_metric=0.1)
+                                     format_hits=det.format_scores(task, model), prompt_pairs=det.prompt_token_pairs(task),
+                                     metric="indist_acc", min_metric=0.1)
     assert {r["name"] for r in results} >= {"init_loss", "weight_decay_collapse", "all_parameters_updated",
-                                             "labels_shifted", "train_inference_format"}
+                                             "labels_shifted", "train_inference_format", "prompt_format"}
     assert all(r["suspected_bug"] is None for r in results)
     assert diagnose.make_verdict(diagnose.run_probes(model), LEARNS, None, results)["faults"] == []

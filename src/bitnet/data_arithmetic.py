@@ -388,8 +388,17 @@ class ArithmeticTask:
                 lines.append(f"{prompt}{got.rstrip()}  {'ok' if ok else 'WRONG, want ' + want}")
         return lines
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """How inference encodes a prompt (complete(), the diagnosis' greedy answers)."""
+        return self.tok.encode(prompt)
+
+    def prompt_of_row(self, row: list[int]) -> str | None:
+        """The prompt ('07 + 12 =') of a training row, as text; None when the row has none."""
+        text = self.tok.decode(row)
+        return text[:text.index("=") + 1] if "=" in text else None
+
     def complete(self, model, prompt: str, device, max_new_tokens: int = 8) -> str:
-        ids = torch.tensor([self.tok.encode(prompt)], device=device)
+        ids = torch.tensor([self.prompt_ids(prompt)], device=device)
         out = model.generate(ids, max_new_tokens, stop_token=self.tok.newline_id)
         return self.tok.decode(out[0, ids.shape[1]:].tolist())
 

@@ -323,6 +323,16 @@ def stack_statement(stack: dict, verdict: dict, history: list[dict], twin_histor
     ev = verdict["evidence"]
     failed = [name for name, ok in ev.get("probes", {}).items() if not ok]
     twin = stack.get("twin")
+    faults = verdict.get("faults") or []
+    if faults:  # the verdict named the cause: say whose part it is, first
+        causes = "; ".join(f"{'your' if f['part'] in plugged else 'the'} {f['part']}: {f['problem']}" for f in faults)
+        line = head + f"the fault is {causes}"
+        own = {f["check"] for f in faults}
+        downstream = [name for name in failed if name not in own]
+        if downstream and all(f["part"] != "layer" for f in faults):
+            line += (f"; the layer probe(s) {', '.join(downstream)} fail as a consequence of it, "
+                     f"not of {'your' if 'layer' in plugged else 'the'} layer")
+        return line
     if failed:
         return head + f"{subject} fails the probe(s) {', '.join(failed)}" + (
             f" ({', '.join(verdict['suspected_bugs'])})" if verdict.get("suspected_bugs") else "")

@@ -336,6 +336,52 @@ def detect_params_not_updated(history: list[dict]) -> dict:
 
 
 @torch.no_grad()
+def prompt_token_pairs(task, n: int = 16) -> list[tuple[list[int], list[int]]] | None:
+    """(a training row's first tokens, the inference path's encoding of that row's prompt) for n
+    rows of a training batch, for a task that can cut a training row's prompt out as text
+    (`prompt_of_row(ids) -> str | None`) and encodes prompts for inference with `prompt_ids(text)`,
+    as ArithmeticTask does. None for other tasks. Needs no model: the two formats are compared as
+    tokens, so a mismatch shows even where a model happens to shrug it off."""
+    if not all(hasattr(task, a) for a in ("get_batch", "prompt_of_row", "prompt_ids")):
+        return None
+    x = task.get_batch(0, n)[0]
+    pairs = []
+    for row in x.tolist():
+        prompt = task.prompt_of_row(row)
+        if prompt is not None:
+            ids = list(task.prompt_ids(prompt))
+            pairs.append((row[:len(ids)], ids))
+    return pairs
+
+
+def detect_prompt_format(pairs: list[tuple[list[int], list[int]]] | None, token_name=None) -> dict:
+    """Training rows must begin exactly as inference encodes the same prompt (prompt_token_pairs()).
+    Fails when most rows differ: inference adds or drops a BOS or other special token, or spaces
+    the prompt differently, and a model then meets at inference a sequence it never trained on."""
+    if not pairs:
+        return result("prompt_format", True, {"note": "no training rows with a prompt to compare"})
+    name = token_name or str
+    bad = [(t, i) for t, i in pairs if list(t) != list(i)]
+    passed = len(bad) <= len(pairs) // 2
+    evidence = {"rows": len(pairs), "rows_differing": len(bad)}
+    if bad:
+        train, infer = bad[0]
+        evidence.update(example_training_tokens=list(train), example_inference_tokens=list(infer))
+        if infer[1:] == train[:len(infer) - 1]:
+            how = f"inference puts {name(infer[0])} first, where training rows have no such token"
+        elif train[1:] == infer[:len(train) - 1]:
+            how = f"training rows start with {name(train[0])}, which inference prompts lack"
+        else:
+            k = next(k for k, (a, b) in enumerate(zip(train, infer)) if a != b) if any(
+                a != b for a, b in zip(train, infer)) else min(len(train), len(infer))
+            how = (f"at position {k} training has {name(train[k]) if k < len(train) else 'nothing'}, "
+                   f"inference {name(infer[k]) if k < len(infer) else 'nothing'}")
+        if not passed:
+            evidence["finding"] = (f"{len(bad)} of {len(pairs)} training rows do not begin as inference encodes the same "
+                                   f"prompt: {how}")
+    return result("prompt_format", passed, evidence, None if passed else "train_inference_mismatch")
+
+
 def format_scores(task, model, n_per_op: int = 25) -> tuple[list[bool], list[bool]] | None:
     """(teacher-forced hits, greedy hits) on the same problems, for a task that scores both: a
     `domain` that samples problems and writes prompts and answers, `accuracy(model, problems,
@@ -354,9 +400,11 @@ def format_scores(task, model, n_per_op: int = 25) -> tuple[list[bool], list[boo
 
 def run_detectors(history: list[dict], vocab_size: int, warmup_steps: int = 0, samples: list[str] | None = None,
                   known_words: set[str] | None = None, arithmetic_answers: list[str] | None = None,
-                  model: nn.Module | None = None, batch=None, format_hits=None, **learning_kwargs) -> list[dict]:
+                  model: nn.Module | None = None, batch=None, format_hits=None, prompt_pairs=None,
+                  token_name=None, **learning_kwargs) -> list[dict]:
     """Every detector that the given inputs allow (the history ones always; the others when their
-    inputs are given). `format_hits`: format_scores()'s (teacher-forced, greedy) hits."""
+    inputs are given). `format_hits`: format_scores()'s (teacher-forced, greedy) hits;
+    `prompt_pairs`: prompt_token_pairs()'s (training, inference) tokens, named by `token_name`."""
     out = [detect_not_learning(history, vocab_size, warmup_steps, **learning_kwargs),
            detect_loss_stuck(history, warmup_steps),
            detect_non_finite(history, model, batch),
@@ -367,6 +415,8 @@ def run_detectors(history: list[dict], vocab_size: int, warmup_steps: int = 0, s
         out.append(detect_label_shift(batch))
     if format_hits:
         out.append(detect_format_mismatch(*format_hits))
+    if prompt_pairs:
+        out.append(detect_prompt_format(prompt_pairs, token_name))
     if samples:
         out.append(detect_repetitive_samples(samples))
         if known_words:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..trainer import CKPT_NAME, METRICS_NAME, TrainingError, find_runs, load_checkpoint, model_from_checkpoint
-from .detectors import format_scores, learning_summary, run_detectors
+from .detectors import format_scores, learning_summary, prompt_token_pairs, run_detectors
 from .health import QuantHealthTracker, summarise_quant_health
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics
 from .probes import run_probes
@@ -23,6 +23,12 @@ def run_history(run_path: str, ckpt: dict | None = None) -> list[dict]:
     return list((ckpt or {}).get("history", []))
 
 
+def token_namer(task):
+    """'id 1 (<bos>)' for a task whose tokenizer lists its tokens (itos), else the bare id."""
+    itos = getattr(getattr(task, "tok", None), "itos", None)
+    return (lambda i: f"id {i} ({itos[i]!r})" if 0 <= i < len(itos) else f"id {i}") if itos else (lambda i: f"id {i}")
+
+
 def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict] | None = None,
                  out_dir: str | None = None, metrics_paths: dict[str, str] | None = None,
                  samples: list[str] | None = None, known_words: set[str] | None = None,
@@ -34,7 +40,8 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     for the pictures, ternary first. With `out_dir`, verdict.json and the PNGs are written there.
     `stack` ({"parts": {part: SPEC}, "twin": description}, a run with the user's own parts) adds
     verdict["your_stack"], one line on what the run says about those parts (bitnet.plugged).
-    `task`, when it scores teacher-forced and greedy answers (format_scores), lets the train/inference format check run.
+    `task`, when it scores teacher-forced and greedy answers (format_scores) and encodes its
+    prompts for inference (prompt_token_pairs), lets the two train/inference format checks run.
     """
     cfg = model.config
     probes = run_probes(model)
@@ -42,7 +49,8 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     learning_kwargs = learning_kwargs or {}
     detectors = run_detectors(history, cfg.vocab_size, cfg.warmup_steps, samples=samples, known_words=known_words,
                               arithmetic_answers=arithmetic_answers, model=model, batch=batch,
-                              format_hits=format_scores(task, model), **learning_kwargs)
+                              format_hits=format_scores(task, model), prompt_pairs=prompt_token_pairs(task),
+                              token_name=token_namer(task), **learning_kwargs)
     log("\ndetectors:\n" + format_results(detectors))
     ternary = learning_summary(history, cfg.vocab_size, cfg.warmup_steps, **learning_kwargs)
     log(f"\n{'ternary' if cfg.quant == 'ternary' else 'this run'}: {ternary['reason']}")
