@@ -137,14 +137,16 @@ def test_linear_alone_runs_our_model_with_the_users_layer_and_resumes(tmp_path, 
     from bitnet.export import export
     with pytest.raises(TrainingError, match="trained with your own linear"):  # it would run our BitLinear instead
         export(str(out), str(tmp_path / "export"))
-    # --resume needs the same flags; with them it continues
+    # --resume with other parts is refused in one line; without the flags it takes the checkpoint's
     code, err = run_in_process(capsys, ARITH, ["--out-dir", str(out), "--max-steps", "50", "--resume", *SMALL_ARITH,
-                                               "--set", "eval_interval=40", "--no-verdict"])
+                                               "--linear", "bitnet.bitlinear:BitLinear", "--set", "eval_interval=40",
+                                               "--no-verdict"])
     assert code == 2 and len(err) == 1 and "pass the same --linear/--model/--optimizer/--path" in err[0], err
     code, err = run_in_process(capsys, ARITH, ["--out-dir", str(out), "--max-steps", "50", "--resume", *SMALL_ARITH,
-                                               *flags, "--no-verdict"])
+                                               "--set", "eval_interval=40", "--no-verdict"])
     assert code == 0, err
-    assert load_checkpoint(str(out))["step"] == 50
+    ckpt = load_checkpoint(str(out))
+    assert ckpt["step"] == 50 and ckpt["config"]["linear_spec"].endswith("tiny_ternary_lm.py:TernaryLinear")
 
 
 # ----------------------------------------------------------------------------- the TinyStories experiment

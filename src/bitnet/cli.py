@@ -110,7 +110,7 @@ def build_config(args):
     if getattr(args, "time_budget", None) is not None:
         pairs.append(f"time_budget_s={args.time_budget}")
     pairs += [f"quant={args.quant}", f"inject_bug={args.inject_bug}"]
-    cfg = replace(cfg.with_overrides(pairs), **plug_fields(args))
+    cfg = replace(cfg.with_overrides(pairs), **(plugs_of_resumed_run(args) or plug_fields(args)))
     if cfg.quant == "none" and cfg.fp_learning_rate > 0:  # the twin trains at its own tuned rate
         cfg = cfg.with_overrides([f"learning_rate={cfg.fp_learning_rate}"])
     check_config(cfg)
@@ -134,6 +134,27 @@ def plug_fields(args) -> dict:
 
     return {"linear_spec": absolute("linear"), "model_spec": absolute("model"), "optimizer_spec": absolute("optimizer"),
             "spec_paths": os.pathsep.join(os.path.abspath(p) for p in getattr(args, "path", None) or ())}
+
+
+def plugs_of_resumed_run(args) -> dict:
+    """--resume with none of --linear/--model/--optimizer/--path: the parts the run was started with,
+    read from its checkpoint (a twin run's ternary one), so a resume need not repeat them. {} otherwise."""
+    from .trainer import CKPT_NAME, PLUG_DEFAULTS, PREV_CKPT_NAME, load_checkpoint
+    if not (getattr(args, "resume", False) or getattr(args, "resume_from_previous", False)):
+        return {}
+    if any(getattr(args, flag, None) for flag in ("linear", "model", "optimizer", "path")):
+        return {}  # given: they must match the checkpoint's (restore_run says so when they do not)
+    name = PREV_CKPT_NAME if getattr(args, "resume_from_previous", False) else CKPT_NAME
+    for folder in (args.out_dir, os.path.join(args.out_dir, "ternary")):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            saved = load_checkpoint(path).get("config", {})
+            plugs = {k: saved.get(k, v) for k, v in PLUG_DEFAULTS.items()}
+            if any(plugs.values()):
+                print(f"--resume: your parts as the run was started: "
+                      + "; ".join(f"{k} {v}" for k, v in plugs.items() if v), file=sys.stderr)
+            return plugs
+    return {}
 
 
 def check_config(cfg):
