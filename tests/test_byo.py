@@ -4,6 +4,7 @@ package called `bitnet`, and the one-line errors. Tiny configs, few steps."""
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,7 +19,6 @@ from bitnet.trainer import TrainingError, apply_schedule, build_model, load_chec
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
 FACTORIES = os.path.join(REPO, "tests", "fixtures", "byo_factories.py")
-USER_PKG = os.path.join(REPO, "tests", "fixtures", "user_pkg")
 ARITH = os.path.join(REPO, "train_bitnet_arithmetic.py")
 SMALL = ["--set", "hidden_size=32", "--set", "intermediate_size=64", "--set", "num_hidden_layers=1",
          "--set", "num_attention_heads=4", "--set", "num_key_value_heads=4", "--set", "compile=false",
@@ -62,6 +62,20 @@ def run_in_process(capsys, script: str, argv: list[str]) -> tuple[int, list[str]
 @pytest.fixture
 def own_sys_path(monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+@pytest.fixture
+def user_pkg(tmp_path) -> str:
+    """A folder holding a user's own package called `bitnet` (several BitNet stacks are): examples/
+    made into one (bitnet/model.py, bitnet/adapter.py importing it relatively)."""
+    pkg = tmp_path / "user_pkg" / "bitnet"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""Their bitnet, not ours."""\n')
+    shutil.copy(os.path.join(EXAMPLES, "tiny_ternary_lm.py"), pkg / "model.py")
+    adapter = open(os.path.join(EXAMPLES, "adapter.py")).read()
+    assert "from tiny_ternary_lm import" in adapter
+    (pkg / "adapter.py").write_text(adapter.replace("from tiny_ternary_lm import", "from .model import"))
+    return str(pkg.parent)
 
 
 def cfg_with(**plugs):
@@ -242,10 +256,10 @@ def test_your_stack_line_names_the_faulty_part_before_the_probes_it_broke():
     assert line.endswith("the fault is your layer: missing_rescale")
 
 
-def test_a_user_package_called_bitnet_loads_beside_ours(own_sys_path, tmp_path):
+def test_a_user_package_called_bitnet_loads_beside_ours(own_sys_path, user_pkg, tmp_path):
     import bitnet.model
     cfg = cfg_with(model_spec="bitnet.adapter:build", optimizer_spec="bitnet.adapter:optimizer",
-                   linear_spec="bitnet.model:TernaryLinear", spec_paths=USER_PKG)
+                   linear_spec="bitnet.model:TernaryLinear", spec_paths=user_pkg)
     model = build_model(cfg)
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     theirs = sys.modules["_bitnet_user.model"]  # their bitnet.model, kept under the alias
