@@ -26,10 +26,16 @@ def read_log(out_dir) -> list[dict]:
 
 
 def assert_same_log(a_dir, b_dir, rel=1e-5):
+    """Every logged number within `rel`; the gradient norm within 1e-4: summed over other
+    micro-batch splits it moved 2.8e-5 at step 20 on an Intel Xeon (AVX-512) while the loss
+    agreed to 1e-6, as fp32 sums in another order do."""
     a, b = read_log(a_dir), read_log(b_dir)
     assert [(e["kind"], e["step"]) for e in a] == [(e["kind"], e["step"]) for e in b]
     for ea, eb in zip(a, b):
-        assert_dicts_close(ea, eb, rel=rel)
+        assert_dicts_close({k: v for k, v in ea.items() if k != "grad_norm"},
+                           {k: v for k, v in eb.items() if k != "grad_norm"}, rel=rel)
+        if "grad_norm" in ea:
+            assert ea["grad_norm"] == pytest.approx(eb["grad_norm"], rel=1e-4), ea["step"]
 
 
 def assert_same_weights(a_dir, b_dir):
