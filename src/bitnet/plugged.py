@@ -331,7 +331,7 @@ def stack_statement(stack: dict, verdict: dict, history: list[dict], twin_histor
         downstream = [name for name in failed if name not in own]
         if downstream and all(f["part"] != "layer" for f in faults):
             line += (f"; the layer probe(s) {', '.join(downstream)} fail as a consequence of it, "
-                     f"not of {'your' if 'layer' in plugged else 'the'} layer")
+                     f"not of {'your' if 'layer' in plugged or 'model' in plugged else 'the'} layer")
         return line
     if failed:
         return head + f"{subject} fails the probe(s) {', '.join(failed)}" + (
