@@ -134,8 +134,8 @@ class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
     min_lr_ratio: float = 0.02  # a near-zero final rate stops late ternary flips from costing accuracy
     max_steps: int = 3000  # without a time budget; with one, the budget sets the schedule
     warmup_steps: int = 100
-    # An evaluation (4,800 problems, eager) costs ~60 training steps on a CPU core: every 500
-    # steps it takes ~7% of the budget, every 250 steps ~14% (measured, RESULTS.md issue 9).
+    # An evaluation (4,800 problems, eager) costs ~60-66 training steps on a CPU core: every 500
+    # steps that is ~13% of the training time, every 250 ~25% (bench/eval_cost.py, RESULTS.md issue 9).
     eval_interval: int = 500
     time_budget_s: float = 540.0  # per model; with start-up (~10 s) and the verdict (~10 s) the launcher stays under 10 min
     stop_when_solved: bool = True
