@@ -568,9 +568,7 @@ class TimeBudget:
         steps = max(step + 1, step + int(remaining / (sec_per_step + self.eval_s / cfg.eval_interval)))
         if ctx is not None and ctx.world_size > 1:  # every process takes the slowest one's plan
             steps = int(-distributed.max_over_ranks(torch.tensor(-float(steps)), ctx))
-        if steps == cfg.max_steps:
-            return cfg
-        planned = replace(cfg, max_steps=steps)
+        planned = cfg if steps == cfg.max_steps else replace(cfg, max_steps=steps)
         if step > self.first_plan and abs(lr_and_wd(planned, step)[0] - lr_and_wd(cfg, step)[0]) \
                 > self.MAX_LR_JUMP * cfg.learning_rate:
             planned = cfg  # the same on every process: the rates compared come from the shared plan
@@ -680,6 +678,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         return non_finite_error(what, value, step, cfg, isinstance(amp, torch.autocast), ckpt_path)
 
     def run_eval():
+        started = time.time()
         m = evaluate_and_log(model, task, dev, step, cfg, log, amp)
         if on_eval is not None:
             model.eval()
@@ -689,6 +688,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
         m = {"step": step, **m}
         history.append(m)
         record({"kind": "eval", **m})
+        budget.note_eval(time.time() - started)  # what the time budget counts an evaluation as
         return m
 
     from .diagnose.health import TrainingSignals  # here: the diagnosis package imports this module
@@ -698,9 +698,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     budget, start_step, planned = TimeBudget(cfg, step), step, False
     model.train()
     if step == 0 and not history:
-        t_eval = time.time()
         run_eval()  # the loss at step 0 should sit near ln(vocab_size)
-        budget.note_eval(time.time() - t_eval)
     t0, tokens = time.time(), 0
     saved["time"] = t0
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.quant}", disable=quiet,
@@ -753,9 +751,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
                 bar.total = cfg.max_steps
         out_of_time = budget.over(ctx)
         if step % cfg.eval_interval == 0 or step >= cfg.max_steps or out_of_time:
-            t_eval = time.time()
             m = run_eval()
-            budget.note_eval(time.time() - t_eval)
             checkpoint()
             if solved is not None and solved(m):
                 log(f"solved at step {step}: every validation score >= {task.solve_target:.1%}; stopping")

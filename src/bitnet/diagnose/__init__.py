@@ -18,10 +18,10 @@ Four kinds of evidence, each a named result `{"name", "passed", "evidence", "sus
               pictures, the end-of-run diagnosis, and `python -m bitnet.diagnose --checkpoint OUT_DIR`.
 """
 from .detectors import (answer_of, detect_format_mismatch, detect_gibberish_samples, detect_init_loss,  # noqa: F401
-                        detect_prompt_format, prompt_token_pairs,
                         detect_label_shift, detect_loss_stuck, detect_non_finite, detect_non_numeric_answers,
-                        detect_not_learning, detect_params_not_updated, detect_repetitive_samples,
-                        detect_weight_collapse, format_scores, learning_summary, load_word_list, run_detectors,
+                        detect_not_learning, detect_params_not_updated, detect_prompt_format,
+                        detect_repetitive_samples, detect_weight_collapse, format_scores, learning_summary,
+                        load_word_list, prompt_token_pairs, run_detectors,
                         words_of)
 from .health import (QuantHealthTracker, TrainingSignals, describe_optimizer, effective_weight,  # noqa: F401
                      flat_health, health_warnings, summarise_quant_health)

@@ -335,7 +335,6 @@ def detect_params_not_updated(history: list[dict]) -> dict:
     return result("all_parameters_updated", passed, evidence, None if passed else "params_not_in_optimizer")
 
 
-@torch.no_grad()
 def prompt_token_pairs(task, n: int = 16) -> list[tuple[list[int], list[int]]] | None:
     """(a training row's first tokens, the inference path's encoding of that row's prompt) for n
     rows of a training batch, for a task that can cut a training row's prompt out as text
@@ -372,8 +371,7 @@ def detect_prompt_format(pairs: list[tuple[list[int], list[int]]] | None, token_
         elif train[1:] == infer[:len(train) - 1]:
             how = f"training rows start with {name(train[0])}, which inference prompts lack"
         else:
-            k = next(k for k, (a, b) in enumerate(zip(train, infer)) if a != b) if any(
-                a != b for a, b in zip(train, infer)) else min(len(train), len(infer))
+            k = next((k for k, (a, b) in enumerate(zip(train, infer)) if a != b), min(len(train), len(infer)))
             how = (f"at position {k} training has {name(train[k]) if k < len(train) else 'nothing'}, "
                    f"inference {name(infer[k]) if k < len(infer) else 'nothing'}")
         if not passed:
@@ -382,6 +380,7 @@ def detect_prompt_format(pairs: list[tuple[list[int], list[int]]] | None, token_
     return result("prompt_format", passed, evidence, None if passed else "train_inference_mismatch")
 
 
+@torch.no_grad()
 def format_scores(task, model, n_per_op: int = 25) -> tuple[list[bool], list[bool]] | None:
     """(teacher-forced hits, greedy hits) on the same problems, for a task that scores both: a
     `domain` that samples problems and writes prompts and answers, `accuracy(model, problems,
