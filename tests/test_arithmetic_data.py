@@ -271,6 +271,24 @@ def test_padded_numbers_sit_at_fixed_widths_and_tools_pad_prompts_to_match():
     assert "number_format" not in ArithmeticTask(BitNetConfigArithmetic()).identity()  # plain runs: as before
 
 
+def test_reversed_answers_are_written_backwards_and_read_forwards():
+    from bitnet.data_arithmetic import read_answer
+    from bitnet.generate import codec_for
+    cfg = BitNetConfigArithmetic().with_overrides(["pad_numbers=true", "reverse_answers=true"])
+    task = ArithmeticTask(cfg)
+    x, y = task.get_batch(0, 64)
+    for row in x.tolist():
+        line = "".join(TOK.itos[t] for t in row if t != TOK.pad_id)[5:]
+        prompt, written = line.split(" = ")
+        a, op, b = prompt.split()
+        assert written == task.domain.answer(int(a), op, int(b))[::-1]  # '07 + 12 = 910'
+    assert task.domain.written_answer(7, "+", 12) == "910" and task.domain.answer(7, "+", 12) == "019"
+    assert read_answer(" 910\n", True) == " 019\n" and read_answer(" 910", False) == " 910" and read_answer("", True) == ""
+    codec = codec_for(task.identity())
+    assert codec.reverse_answers and codec.completion(TOK.encode(" 910", bos=False)) == " 019"
+    assert not codec_for(ArithmeticTask(BitNetConfigArithmetic()).identity()).reverse_answers  # plain runs: as before
+
+
 def test_train_on_all_tokens_switch():
     x, y = ArithmeticTask(BitNetConfigArithmetic(train_on="all")).get_batch(0, 8)
     xa, ya = ArithmeticTask(BitNetConfigArithmetic(train_on="answer")).get_batch(0, 8)

@@ -24,9 +24,10 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300, **kw)
 
 
-@pytest.fixture(scope="module")
-def arith_run(arith_cfg, tmp_path_factory):
-    cfg = arith_cfg(quant="ternary", max_steps=150)
+@pytest.fixture(scope="module", params=[False, True], ids=["answers", "reversed_answers"])
+def arith_run(arith_cfg, tmp_path_factory, request):
+    # reversed: the run writes '3 * 4 = 21'; the tools must read it back as 12, as task.complete() does
+    cfg = arith_cfg(quant="ternary", max_steps=150, reverse_answers=request.param)
     out = str(tmp_path_factory.mktemp("arith_run"))
     task = ArithmeticTask(cfg)
     result = train(cfg, task, out, device="cpu", quiet=True)

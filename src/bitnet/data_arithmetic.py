@@ -75,6 +75,16 @@ def match_format(prompt: str, number_format: dict) -> str:
     return m[1] + format_prompt(int(m[2]), m[3], int(m[4]), wa, wb) + m[5]
 
 
+def read_answer(completion: str, reversed_answers: bool) -> str:
+    """A completion as a person reads it: a run trained with reverse_answers writes '019' as
+    ' 910', so its digits are put back in order; the spacing around them is kept."""
+    if not reversed_answers:
+        return completion
+    core = completion.strip()
+    start = completion.index(core) if core else 0
+    return completion[:start] + core[::-1] + completion[start + len(core):]
+
+
 def solve(a: int, op: str, b: int) -> int:
     return {"+": a + b, "-": a - b, "*": a * b, "/": a // b if b else 0}[op]
 
@@ -112,6 +122,7 @@ class ArithmeticDomain:
     operator_weights: tuple[float, ...] = ()  # training mix; () = equal
     balance_digits: float = 0.0  # share of '+'/'-' training operands drawn with their digit count balanced
     pad_numbers: bool = False  # '07 + 12 = 019': every number at its slot's full width (see widths())
+    reverse_answers: bool = False  # the answer written least-significant digit first: '07 + 12 = 910'
 
     @classmethod
     def from_config(cls, cfg) -> "ArithmeticDomain":
@@ -126,7 +137,8 @@ class ArithmeticDomain:
             raise ValueError(f"operator_weights must be {len(cfg.operators)} non-negative numbers like '3,3,1,1' "
                              f"(one per operator in {cfg.operators!r}), got {cfg.operator_weights!r}; --set operator_weights= for equal")
         dom = cls(cfg.add_max, cfg.sub_max, cfg.mul_max, cfg.div_max, cfg.operators, cfg.heldout_fraction, weights,
-                  getattr(cfg, "balance_digits", 0.0), getattr(cfg, "pad_numbers", False))
+                  getattr(cfg, "balance_digits", 0.0), getattr(cfg, "pad_numbers", False),
+                  getattr(cfg, "reverse_answers", False))
         if not 0 <= dom.balance_digits <= 1:
             raise ValueError(f"balance_digits must be in [0, 1], got {dom.balance_digits}")
         if min(dom.add_max, dom.sub_max, dom.mul_max) < 0 or dom.div_max < 1:
@@ -146,7 +158,13 @@ class ArithmeticDomain:
         return format_prompt(a, op, b, *self.widths(op)[:2]) if self.pad_numbers else format_prompt(a, op, b)
 
     def answer(self, a: int, op: str, b: int) -> str:
+        """The answer as a person reads it ('019' with pad_numbers)."""
         return f"{solve(a, op, b):0{self.widths(op)[2] if self.pad_numbers else 0}d}"
+
+    def written_answer(self, a: int, op: str, b: int) -> str:
+        """The answer as the model reads and writes it: reversed with reverse_answers ('910')."""
+        text = self.answer(a, op, b)
+        return text[::-1] if self.reverse_answers else text
 
     def number_format(self) -> dict:
         """What the checkpoint records so tools format prompts as training did."""
@@ -227,7 +245,7 @@ def encode_problems(problems, tok: CharTokenizer, answer_only: bool = True, leng
     dom = domain or ArithmeticDomain()
     for a, op, b in problems:
         prompt = dom.prompt(a, op, b)
-        ids = tok.encode(f"{prompt} {dom.answer(a, op, b)}\n")
+        ids = tok.encode(f"{prompt} {dom.written_answer(a, op, b)}\n")
         seqs.append(ids)
         starts.append(len(prompt))  # position of '=': it predicts the space, so greedy decoding from 'a op b =' works
     T = max(length, max(len(s) for s in seqs) - 1)
@@ -263,6 +281,8 @@ class ArithmeticTask:
         ident = {"task": self.name, "tokenizer": self.tok.identity}
         if self.domain.pad_numbers:
             ident["number_format"] = self.domain.number_format()
+        if self.domain.reverse_answers:
+            ident["reverse_answers"] = True  # the tools put a completion's digits back in order
         return ident
 
     def get_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,7 +420,7 @@ class ArithmeticTask:
     def complete(self, model, prompt: str, device, max_new_tokens: int = 8) -> str:
         ids = torch.tensor([self.prompt_ids(prompt)], device=device)
         out = model.generate(ids, max_new_tokens, stop_token=self.tok.newline_id)
-        return self.tok.decode(out[0, ids.shape[1]:].tolist())
+        return read_answer(self.tok.decode(out[0, ids.shape[1]:].tolist()), self.domain.reverse_answers)
 
 
 # --- inputs of the diagnosis, computed where their data lives ---

@@ -53,7 +53,7 @@ def greedy_answers(model, codec, prompts: list[str], device, batch_size: int = 5
             out = model.generate(ids, 8, stop_token=codec.stop_id)[:, ids.shape[1]:]
             for i, row in zip(chunk, out.tolist()):
                 row = row[:row.index(codec.stop_id)] if codec.stop_id in row else row
-                answers[i] = codec.decode(row).strip()
+                answers[i] = codec.completion(row).strip()
     return answers
 
 

@@ -25,6 +25,12 @@ class Codec:
     decode: Callable[[list[int]], str]
     stop_id: int
     number_format: dict = field(default_factory=dict)  # arithmetic runs trained with pad_numbers: {op: widths}
+    reverse_answers: bool = False  # arithmetic runs that write answers least-significant digit first
+
+    def completion(self, ids: list[int]) -> str:
+        """Generated tokens as text a person reads (a reversed answer back in order)."""
+        from .data_arithmetic import read_answer
+        return read_answer(self.decode(ids), self.reverse_answers)
 
     def prompt(self, text: str) -> str:
         """The prompt as the run saw prompts in training ('7 + 12 =' -> '07 + 12 =' for a padded run)."""
@@ -40,7 +46,8 @@ def codec_for(identity: dict) -> Codec:
         tok = CharTokenizer()
         if identity.get("tokenizer") != tok.identity:
             raise TrainingError(f"checkpoint tokenizer {identity.get('tokenizer')!r} is not this version's {tok.identity!r}")
-        return Codec(tok.encode, tok.decode, tok.newline_id, identity.get("number_format") or {})
+        return Codec(tok.encode, tok.decode, tok.newline_id, identity.get("number_format") or {},
+                     bool(identity.get("reverse_answers")))
     if task == "tinystories":
         from .data_tinystories import tokenizer_from_identity
         tok = tokenizer_from_identity(identity)
@@ -95,7 +102,7 @@ def main():
         out = model.generate(ids, n, temperature=args.temperature, top_k=args.top_k, stop_token=codec.stop_id,
                              generator=g)
         completion = [t for t in out[0, ids.shape[1]:].tolist() if t != codec.stop_id]
-        print((f"[{label}] " if label else "") + prompt + codec.decode(completion))
+        print((f"[{label}] " if label else "") + prompt + codec.completion(completion))
 
 
 if __name__ == "__main__":
