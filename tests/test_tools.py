@@ -24,26 +24,36 @@ def run(args: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300, **kw)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["answers", "reversed_answers"])
-def arith_run(arith_cfg, tmp_path_factory, request):
-    # reversed: the run writes '3 * 4 = 21'; the tools must read it back as 12, as task.complete() does
-    cfg = arith_cfg(quant="ternary", max_steps=150, reverse_answers=request.param)
+def trained_run(cfg, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("arith_run"))
     task = ArithmeticTask(cfg)
     result = train(cfg, task, out, device="cpu", quiet=True)
     return out, task, result["model"].eval()
 
 
-def test_generate_prints_the_greedy_completion(arith_run):
-    out, task, model = arith_run
+@pytest.fixture(scope="module")
+def arith_run(arith_cfg, tmp_path_factory):
+    return trained_run(arith_cfg(quant="ternary", max_steps=150), tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reversed_run(arith_cfg, tmp_path_factory):
+    # the run writes '3 * 4 = 21'; the tools must read it back as 12, as task.complete() does
+    return trained_run(arith_cfg(quant="ternary", max_steps=150, reverse_answers=True), tmp_path_factory)
+
+
+@pytest.mark.parametrize("which", ["arith_run", "reversed_run"])
+def test_generate_prints_the_greedy_completion(which, request):
+    out, task, model = request.getfixturevalue(which)
     proc = run(["-m", "bitnet.generate", "--checkpoint", out, "--prompt", "3 * 4 ="])
     assert proc.returncode == 0, proc.stderr
     want = "3 * 4 =" + task.complete(model, "3 * 4 =", "cpu").rstrip("\n")
     assert proc.stdout.strip() == want.strip()
 
 
-def test_evaluate_arithmetic_matches_in_process_greedy_decoding(arith_run, tmp_path):
-    out, task, model = arith_run
+@pytest.mark.parametrize("which", ["arith_run", "reversed_run"])
+def test_evaluate_arithmetic_matches_in_process_greedy_decoding(which, request, tmp_path):
+    out, task, model = request.getfixturevalue(which)
     problems = [(a, "*", b) for a in range(6) for b in range(6)]
     path = tmp_path / "problems.txt"
     path.write_text("".join(f"{a} {op} {b} = {solve(a, op, b)}\n" for a, op, b in problems) + "\n")
