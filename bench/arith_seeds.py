@@ -23,10 +23,7 @@ from bitnet.data_arithmetic import ArithmeticDomain, format_prompt, is_heldout, 
 def write_problem_files(out_dir: str) -> dict[str, str]:
     """All problems of the CPU preset's domain, as two files: held-out and in-distribution."""
     dom = ArithmeticDomain.from_config(BitNetConfigArithmeticCPU())
-    every = ([(a, "+", b) for a in range(dom.add_max + 1) for b in range(dom.add_max + 1)]
-             + [(a, "-", b) for a in range(dom.sub_max + 1) for b in range(a + 1)]
-             + [(a, "*", b) for a in range(dom.mul_max + 1) for b in range(dom.mul_max + 1)]
-             + [(b * q, "/", b) for b in range(1, dom.div_max + 1) for q in range(dom.div_max + 1)])
+    every = [p for op in dom.operators for p in dom.every(op)]
     paths = {}
     for name, keep in (("heldout", True), ("indist", False)):
         paths[name] = os.path.join(out_dir, f"all_{name}.txt")

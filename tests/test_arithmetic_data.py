@@ -162,6 +162,37 @@ def test_evaluation_reports_both_splits_and_skips_heldout_when_fraction_is_zero(
         assert ("heldout_acc_+" in m) == want_heldout and "heldout_acc_*" not in m
 
 
+def test_every_problem_of_each_operator_is_listed_once_and_correctly():
+    domain = ArithmeticDomain.from_config(BitNetConfigArithmetic())
+    for op in "+-*/":
+        every = domain.every(op)
+        assert len(every) == len(set(every)) == domain.count(op)
+        for a, o, b in every:  # inside the ranges, never negative, '/' exact
+            assert o == op and right_answer(a, op, b) >= 0
+    assert sorted(len(domain.every(op)) for op in "+-*/") == [156, 169, 5050, 10000]
+
+
+def test_times_tables_are_scored_whole_and_one_wrong_fact_keeps_a_run_unsolved(tiny_model_cfg, monkeypatch):
+    from bitnet.model import BitNetForCausalLM
+    cfg = BitNetConfigArithmetic(**{**tiny_model_cfg().__dict__, "eval_problems": 200})
+    task = ArithmeticTask(cfg)
+    assert task.tables["+"] is None and task.tables["-"] is None  # 10,000 and 5,050 problems: sampled
+    assert len(set(task.tables["*"])) == 169 and len(set(task.tables["/"])) == 156
+    scored = []
+
+    def accuracy(model, problems, device):  # every answer right except 7 * 8
+        scored.append(list(problems))
+        return [p != (7, "*", 8) for p in problems], 0.1
+
+    monkeypatch.setattr(task, "accuracy", accuracy)
+    m = task.evaluate(BitNetForCausalLM(cfg).eval(), "cpu", step=0)
+    assert m["indist_acc_*"] == m["val_acc_*"] == 168 / 169 and m["indist_acc_/"] == m["val_acc_/"] == 1.0
+    assert m["indist_acc_+"] == m["val_heldout_acc_-"] == 1.0
+    assert sum(set(s) == set(task.tables["*"]) for s in scored) == 1  # scored once, shared by indist and val
+    assert not task.solved(m)  # 99.4% >= the 99% bar, but a fact is wrong: not solved
+    assert ArithmeticTask(BitNetConfigArithmetic(eval_problems=100)).tables["*"] is None  # a sample then
+
+
 def test_heldout_halves_are_disjoint_and_the_reported_half_never_steers_the_stop():
     cfg = BitNetConfigArithmetic()
     domain = ArithmeticDomain.from_config(cfg)
