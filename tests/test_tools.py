@@ -119,11 +119,18 @@ def test_evaluate_text_on_a_tinystories_run(tmp_path):
     assert wrong.returncode == 2 and "is a tinystories run" in wrong.stderr
 
 
-def test_twin_run_writes_both_runs_a_comparison_and_a_verdict(tmp_path):
-    out = tmp_path / "twin"
+@pytest.fixture(scope="module")
+def twin_run(tmp_path_factory):
+    """The launcher's twin run, once for the tests below: (its OUT, the launcher's process)."""
+    out = tmp_path_factory.mktemp("twin") / "twin"
     proc = run(["train_bitnet_arithmetic.py", "--twin", "--out-dir", str(out), "--max-steps", "120",
                 "--set", "eval_interval=60", *TINY_ARITH])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc
+
+
+def test_twin_run_writes_both_runs_a_comparison_and_a_verdict(twin_run):
+    out, proc = twin_run
     summary = json.loads((out / "summary.json").read_text())
     verdict = json.loads((out / "verdict.json").read_text())
     assert summary["ternary"]["quant"] == "ternary" and summary["fp"]["quant"] == "none"
@@ -164,18 +171,19 @@ def test_preset_is_chosen_by_device_unless_given():
             choose_preset(p.parse_args(["--out-dir", "x", "--device", "cuda"]))
 
 
-def test_tools_accept_a_twin_runs_out_dir(tmp_path):
-    out = tmp_path / "twin"
-    proc = run(["train_bitnet_arithmetic.py", "--twin", "--out-dir", str(out), "--max-steps", "60",
-                "--set", "eval_interval=60", *TINY_ARITH])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_tools_accept_a_twin_runs_out_dir(twin_run, tmp_path):
+    from argparse import Namespace
+
+    from bitnet.evaluate import evaluate_run
+    out, _ = twin_run
     problems = tmp_path / "problems.txt"
     problems.write_text("".join(f"{a} * {b} = {a * b}\n" for a in range(6) for b in range(6)))
     ev = run(["-m", "bitnet.evaluate", "--checkpoint", str(out), "--arithmetic", str(problems)])
     assert ev.returncode == 0, ev.stderr
     both = json.loads(ev.stdout.strip().splitlines()[-1])
-    alone = {name: json.loads(run(["-m", "bitnet.evaluate", "--checkpoint", str(out / name), "--arithmetic",
-                                   str(problems)]).stdout.strip().splitlines()[-1]) for name in ("ternary", "fp")}
+    args = Namespace(arithmetic=str(problems), text=None, device="cpu", kernel="auto")
+    alone = {name: evaluate_run(str(out / name), Namespace(**vars(args), checkpoint=str(out / name)))
+             for name in ("ternary", "fp")}  # each run's own folder, scored in this process
     assert {k: v for k, v in both.items() if k != "fp"} == alone["ternary"] and both["fp"] == alone["fp"]
     assert "ternary" in ev.stdout and "fp twin" in ev.stdout  # the side-by-side table
     gen = run(["-m", "bitnet.generate", "--checkpoint", str(out), "--prompt", "3 * 4 ="])
