@@ -172,25 +172,32 @@ def test_every_problem_of_each_operator_is_listed_once_and_correctly():
     assert sorted(len(domain.every(op)) for op in "+-*/") == [156, 169, 5050, 10000]
 
 
-def test_times_tables_are_scored_whole_and_one_wrong_fact_keeps_a_run_unsolved(tiny_model_cfg, monkeypatch):
+def test_small_sets_are_scored_whole_and_one_wrong_fact_counts_once(tiny_model_cfg, monkeypatch):
     from bitnet.model import BitNetForCausalLM
-    cfg = BitNetConfigArithmetic(**{**tiny_model_cfg().__dict__, "eval_problems": 200})
+    cfg = BitNetConfigArithmetic(**{**tiny_model_cfg().__dict__, "eval_problems": 300})
     task = ArithmeticTask(cfg)
-    assert task.tables["+"] is None and task.tables["-"] is None  # 10,000 and 5,050 problems: sampled
-    assert len(set(task.tables["*"])) == 169 and len(set(task.tables["/"])) == 156
+    whole = task.whole_sets
+    assert whole["train", None, "+"] is None and whole["train", None, "-"] is None  # 9,000 and ~4,500: sampled
+    assert len(set(whole["train", None, "*"])) == 169 and len(set(whole["train", None, "/"])) == 156
+    assert whole["heldout", "test", "+"] is None  # ~500 held-out sums per half: sampled
+    halves = {part: {(a, "-", b) for a in range(100) for b in range(a + 1)
+                     if is_heldout(a, "-", b, 0.1) and heldout_part(a, "-", b, 0.1) == part} for part in ("val", "test")}
+    assert {part: set(whole["heldout", part, "-"]) for part in halves} == halves  # each half of '-', all of it
+    test_fact = sorted(halves["test"])[0]
     scored = []
 
-    def accuracy(model, problems, device):  # every answer right except 7 * 8
+    def accuracy(model, problems, device):  # every answer right except 7 * 8 and one held-out difference
         scored.append(list(problems))
-        return [p != (7, "*", 8) for p in problems], 0.1
+        return [p not in ((7, "*", 8), test_fact) for p in problems], 0.1
 
     monkeypatch.setattr(task, "accuracy", accuracy)
     m = task.evaluate(BitNetForCausalLM(cfg).eval(), "cpu", step=0)
     assert m["indist_acc_*"] == m["val_acc_*"] == 168 / 169 and m["indist_acc_/"] == m["val_acc_/"] == 1.0
-    assert m["indist_acc_+"] == m["val_heldout_acc_-"] == 1.0
-    assert sum(set(s) == set(task.tables["*"]) for s in scored) == 1  # scored once, shared by indist and val
+    assert m["heldout_acc_-"] == 1 - 1 / len(halves["test"]) and m["val_heldout_acc_-"] == 1.0  # once, not by its draw weight
+    assert m["indist_acc_+"] == m["heldout_acc_+"] == 1.0
+    assert sum(set(s) == set(whole["train", None, "*"]) for s in scored) == 1  # scored once, shared by indist and val
     assert not task.solved(m)  # 99.4% >= the 99% bar, but a fact is wrong: not solved
-    assert ArithmeticTask(BitNetConfigArithmetic(eval_problems=100)).tables["*"] is None  # a sample then
+    assert ArithmeticTask(BitNetConfigArithmetic(eval_problems=100)).whole_sets["train", None, "*"] is None  # a sample then
 
 
 def test_heldout_halves_are_disjoint_and_the_reported_half_never_steers_the_stop():
