@@ -181,8 +181,8 @@ def test_tools_accept_a_twin_runs_out_dir(twin_run, tmp_path):
     ev = run(["-m", "bitnet.evaluate", "--checkpoint", str(out), "--arithmetic", str(problems)])
     assert ev.returncode == 0, ev.stderr
     both = json.loads(ev.stdout.strip().splitlines()[-1])
-    args = Namespace(arithmetic=str(problems), text=None, device="cpu", kernel="auto")
-    alone = {name: evaluate_run(str(out / name), Namespace(**vars(args), checkpoint=str(out / name)))
+    alone = {name: evaluate_run(str(out / name), Namespace(checkpoint=str(out / name), arithmetic=str(problems),
+                                                           text=None, device="cpu", kernel="auto"))
              for name in ("ternary", "fp")}  # each run's own folder, scored in this process
     assert {k: v for k, v in both.items() if k != "fp"} == alone["ternary"] and both["fp"] == alone["fp"]
     assert "ternary" in ev.stdout and "fp twin" in ev.stdout  # the side-by-side table

@@ -139,7 +139,7 @@ class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
     warmup_steps: int = 100
     # An evaluation of 4,800 sampled problems (eager) cost ~60-66 training steps on a CPU core: every
     # 500 steps ~13% of the training time (bench/eval_cost.py, RESULTS.md issue 9). Scoring the small
-    # sets whole (times tables, held-out '-') cut it to ~3,200 problems, so proportionally less.
+    # sets whole (times tables, held-out '-') cut it to ~3,200 problems (cost not remeasured).
     eval_interval: int = 500
     time_budget_s: float = 540.0  # per model; with start-up (~10 s) and the verdict (~10 s) the launcher stays under 10 min
     stop_when_solved: bool = True

@@ -222,9 +222,13 @@ class ArithmeticDomain:
         expected = self.count(op) if split == "train" else self.count(op) * self.heldout_fraction / (2 if part else 1)
         if expected > 2 * limit:  # certainly too many: do not enumerate a large domain
             return None
-        keep = [p for p in self.every(op) if is_heldout(*p, self.heldout_fraction) == (split == "heldout")
-                and (part is None or heldout_part(*p, self.heldout_fraction) == part)]
+        keep = [p for p in self.every(op) if self.in_split(p, split, part)]
         return keep if len(keep) <= limit else None
+
+    def in_split(self, problem: tuple[int, str, int], split: str, part: str | None = None) -> bool:
+        """Whether `problem` is in `split` ('train' or 'heldout'), and in half `part` if one is given."""
+        return is_heldout(*problem, self.heldout_fraction) == (split == "heldout") and (
+            part is None or heldout_part(*problem, self.heldout_fraction) == part)
 
     def heldout_halves(self, op: str) -> bool:
         """Whether both halves of the held-out `op` problems are non-empty (a tiny domain may have
@@ -234,8 +238,7 @@ class ArithmeticDomain:
             return False
         if (hi + 1) ** 2 > 1_000_000:  # large domains: both halves are certainly populated
             return True
-        parts = {heldout_part(a, op, b, self.heldout_fraction) for a in range(hi + 1) for b in range(hi + 1 if op == "+" else a + 1)
-                 if is_heldout(a, op, b, self.heldout_fraction)}
+        parts = {heldout_part(*p, self.heldout_fraction) for p in self.every(op) if is_heldout(*p, self.heldout_fraction)}
         return parts == {"val", "test"}
 
     def sample(self, n: int, g: torch.Generator, split: str, ops: str | None = None,
@@ -260,8 +263,7 @@ class ArithmeticDomain:
             else:
                 op = ops[int(torch.randint(0, len(ops), (1,), generator=g))]
             a, b = self.sample_one(op, g, training_mix)
-            if is_heldout(a, op, b, self.heldout_fraction) == (split == "heldout") and (
-                    part is None or heldout_part(a, op, b, self.heldout_fraction) == part):
+            if self.in_split((a, op, b), split, part):
                 out.append((a, op, b))
         return out
 
@@ -301,11 +303,11 @@ class ArithmeticTask:
         # the sets small enough to score whole at each evaluation, keyed (split, half, op): by default
         # the times tables ('train') and the halves of the held-out '-' problems; None = sampled
         self.whole_sets = {}
-        for op in self.domain.operators:
-            self.whole_sets["train", None, op] = self.domain.population(op, "train", None, cfg.eval_problems)
-            if op in "+-" and self.domain.heldout_fraction > 0:
-                for half in (("val", "test") if self.splits_heldout[op] else (None,)):
-                    self.whole_sets["heldout", half, op] = self.domain.population(op, "heldout", half, cfg.eval_problems)
+        for _, split, part, _ in self.eval_sets:
+            for op in self.eval_ops(split):
+                key = self.set_key(split, part, op)
+                if key not in self.whole_sets:
+                    self.whole_sets[key] = self.domain.population(op, key[0], key[1], cfg.eval_problems)
         if cfg.vocab_size != self.tok.vocab_size:
             raise ValueError(f"vocab_size must be {self.tok.vocab_size} for arithmetic, got {cfg.vocab_size}")
         if self.domain.max_length() > cfg.max_position_embeddings:
@@ -336,6 +338,19 @@ class ArithmeticTask:
         hit = (logits.argmax(-1) == y) | (y == -100)
         return hit.all(dim=1).tolist(), float(loss)
 
+    # (name, split, held-out half, sampling seed) of each evaluation set, see evaluate()
+    eval_sets = (("indist", "train", None, 12345), ("heldout", "heldout", "test", 12345),
+                 ("val", "train", None, 54321), ("val_heldout", "heldout", "val", 54321))
+
+    def eval_ops(self, split: str) -> list[str]:
+        """The operators an evaluation set of `split` scores: only '+'/'-' have held-out problems."""
+        return [o for o in self.domain.operators if split == "train" or (o in "+-" and self.domain.heldout_fraction > 0)]
+
+    def set_key(self, split: str, part: str | None, op: str) -> tuple:
+        """(split, half, op) of the problems a set draws; a domain too small to split its held-out
+        problems gives both halves all of them (half None)."""
+        return split, part if part and self.splits_heldout[op] else None, op
+
     def evaluate(self, model, device, step: int) -> dict:
         """Exact match per operator on three sets, the same problems at every evaluation:
         indist (training distribution) and heldout (the 'test' half of the held-out problems) are
@@ -344,13 +359,11 @@ class ArithmeticTask:
         A set of at most eval_problems problems (the times tables, each half of the held-out '-'
         problems) is scored whole instead of sampled; indist and val then share the training table."""
         metrics, scored = {}, {}  # scored: a whole set's result, shared by the splits that use it
-        for name, split, part, seed in (("indist", "train", None, 12345), ("heldout", "heldout", "test", 12345),
-                                        ("val", "train", None, 54321), ("val_heldout", "heldout", "val", 54321)):
+        for name, split, part, seed in self.eval_sets:
             g = torch.Generator().manual_seed(seed)
-            ops = [o for o in self.domain.operators if split == "train" or (o in "+-" and self.domain.heldout_fraction > 0)]
             all_hits, losses = [], []
-            for op in ops:
-                key = (split, part if part and self.splits_heldout[op] else None, op)
+            for op in self.eval_ops(split):
+                key = self.set_key(split, part, op)
                 if self.whole_sets[key] is not None:
                     # a whole set is the population itself: the same problems whoever asks, so scored once
                     if key not in scored:
