@@ -451,6 +451,10 @@ def test_stop_when_solved_stops_at_the_first_solved_evaluation(arith_cfg, tmp_pa
     off = train(arith_cfg(max_steps=60, eval_interval=20), SolvedAtStep40(cfg), str(tmp_path / "off"),
                 device="cpu", quiet=True)
     assert off["final"]["step"] == 60 and not off["solved"]  # stop_when_solved=False trains on
+    # Solved with less than one evaluation interval left: the schedule's end is trained, not skipped.
+    near_end = train(arith_cfg(max_steps=50, eval_interval=20, stop_when_solved=True), SolvedAtStep40(cfg),
+                     str(tmp_path / "near_end"), device="cpu", quiet=True)
+    assert [h["step"] for h in near_end["history"]] == [0, 20, 40, 50] and near_end["solved"]
 
 
 def test_fp_twin_trains_at_its_own_learning_rate():

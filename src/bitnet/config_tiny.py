@@ -124,7 +124,8 @@ class BitNetConfigArithmeticCPU(BitNetConfigArithmetic):
     Measured on 2-core CPUs (RESULTS.md, issue 9): answers written backwards, and operands drawn half
     uniformly and half digit-count-balanced, learn '+'/'-' sooner; the accuracy rises with the cosine's
     annealing, so the time budget sets the schedule's length. The run stops at the first evaluation
-    where every operator scores >= 99.5% on the validation sets, or when the budget is spent.
+    where every operator scores >= 99.5% on the validation sets (finishing the schedule instead
+    when less than one evaluation interval of it is left), or when the budget is spent.
     """
     hidden_size: int = 128
     intermediate_size: int = 384

@@ -530,8 +530,8 @@ class TimeBudget:
     A re-plan that would move the current learning rate by more than `MAX_LR_JUMP` of its peak is
     not taken (late in a cosine, or across a restart's boundary), and none is made once
     `FREEZE_AT` of the planned steps are done: the end of the annealing is left alone. With
-    stop_when_solved an easy run still ends early, at its first solved evaluation. `over()` is the
-    hard stop.
+    stop_when_solved an easy run still ends early, at its first solved evaluation (unless less than
+    one evaluation interval of the schedule is left: then it finishes). `over()` is the hard stop.
     """
 
     FREEZE_AT = 0.8
@@ -696,6 +696,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     first_loss, loss_ema = train_state.get("first_loss"), train_state.get("loss_ema")
     solved = getattr(task, "solved", None) if cfg.stop_when_solved else None
     budget, start_step, planned = TimeBudget(cfg, step), step, False
+    finishing = False  # solved with less than one evaluation interval of the schedule left
     model.train()
     if step == 0 and not history:
         run_eval()  # the loss at step 0 should sit near ln(vocab_size)
@@ -754,8 +755,16 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
             m = run_eval()
             checkpoint()
             if solved is not None and solved(m):
-                log(f"solved at step {step}: every validation score >= {task.solve_target:.1%}; stopping")
-                break
+                left = cfg.max_steps - step
+                if 0 < left < cfg.eval_interval and not out_of_time:
+                    # Stopping here saves less than one interval, and gives up the end of the
+                    # annealing, where late weight flips settle (RESULTS.md, issue 9, sixth pass).
+                    if not finishing:
+                        log(f"solved at step {step}; finishing the schedule's last {left} steps")
+                    finishing = True
+                else:
+                    log(f"solved at step {step}: every validation score >= {task.solve_target:.1%}; stopping")
+                    break
             if out_of_time:
                 log(f"time budget {budget.budget:.0f} s spent at step {step}; stopping")
                 break
