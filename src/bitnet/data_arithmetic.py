@@ -238,7 +238,7 @@ class ArithmeticDomain:
             return False
         if (hi + 1) ** 2 > 1_000_000:  # large domains: both halves are certainly populated
             return True
-        parts = {heldout_part(*p, self.heldout_fraction) for p in self.every(op) if is_heldout(*p, self.heldout_fraction)}
+        parts = {heldout_part(*p, self.heldout_fraction) for p in self.every(op) if self.in_split(p, "heldout")}
         return parts == {"val", "test"}
 
     def sample(self, n: int, g: torch.Generator, split: str, ops: str | None = None,

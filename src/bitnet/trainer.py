@@ -696,7 +696,6 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
     first_loss, loss_ema = train_state.get("first_loss"), train_state.get("loss_ema")
     solved = getattr(task, "solved", None) if cfg.stop_when_solved else None
     budget, start_step, planned = TimeBudget(cfg, step), step, False
-    finishing = False  # solved with less than one evaluation interval of the schedule left
     model.train()
     if step == 0 and not history:
         run_eval()  # the loss at step 0 should sit near ln(vocab_size)
@@ -759,9 +758,7 @@ def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: b
                 if 0 < left < cfg.eval_interval and not out_of_time:
                     # Stopping here saves less than one interval and skips the end of the annealing,
                     # where a held-out half was once missed by one problem (RESULTS.md, issue 9, sixth pass).
-                    if not finishing:
-                        log(f"solved at step {step}; finishing the schedule's last {left} steps")
-                    finishing = True
+                    log(f"solved at step {step}; finishing the schedule's last {left} steps")
                 else:
                     why = "the time budget is spent; stopping" if out_of_time and left > 0 else "stopping"
                     log(f"solved at step {step}: every validation score >= {task.solve_target:.1%}; {why}")
