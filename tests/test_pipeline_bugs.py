@@ -50,7 +50,7 @@ def test_every_pipeline_bug_has_a_problem_with_a_part_and_a_fix():
                                   "embed_init_large", "params_not_in_optimizer"}
     assert not set(PIPELINE_BUGS) & set(BUGS)
     for bug in ALL_BUGS.values():
-        part, fix = diagnose.verdict.PROBLEMS[bug.problem]
+        part, fix = (diagnose.verdict.PROBLEMS[bug.problem][k] for k in ("part", "fix"))
         assert part == bug.part and fix
 
 

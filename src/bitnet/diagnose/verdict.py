@@ -4,6 +4,7 @@ import os
 
 from ..trainer import write_json_atomic
 from .detectors import _finite
+from .problems import PROBLEMS
 
 def first_step_below(history: list[dict], level: float, key: str = "val_loss") -> int | None:
     return next((h["step"] for h in history if _finite(h.get(key)) and h[key] <= level), None)
@@ -36,36 +37,6 @@ def compare_twins(ternary: list[dict], twin: list[dict], milestones: dict[str, f
 
 NON_FINITE = "non_finite"
 
-# Each problem a check can name: the part of the stack that holds it, and the fix. A failed layer
-# check is always the layer's (norm_in_forward is then the layer's own norm).
-PROBLEMS = {
-    "no_ste": ("layer", "pass the quantizers' gradients straight through: w + (quant(w) - w).detach(), the same for x"),
-    "missing_rescale": ("layer", "divide the integer product back by both scales (or dequantize x_q/s_x and w_q/s_w "
-                                 "before the matmul)"),
-    "per_tensor_act_scale": ("layer", "one activation scale per token: 127 / x.abs().amax(dim=-1, keepdim=True)"),
-    "quantizes_output": ("layer", "quantize the layer's input activations before the matmul, not its output"),
-    "binary_not_ternary": ("layer", "ternary weights: round(W / mean|W|).clamp(-1, 1) * mean|W|, not sign(W)"),
-    "binary_activations": ("layer", "8-bit activations: round(x * 127 / absmax).clamp(-128, 127), not sign(x)"),
-    "act_not_rounded": ("layer", "round the scaled activations to integers (then clamp to [-128, 127])"),
-    "wrong_norm_scale": ("layer", "normalize to unit RMS (RMSNorm), not F.normalize(x) * dim**-0.5"),
-    "wrong_weight_scale": ("layer", "scale by s = 1 / mean|W|: round(W * s).clamp(-1, 1) / s"),
-    "bias_unused": ("layer", "add the bias to the output, or build the layer with bias=False"),
-    "weights_not_trainable": ("layer", "keep the latent weight an nn.Parameter with requires_grad=True, built in __init__"),
-    "weights_not_quantized": ("layer", "quantize the weights to ternary in forward (absmean), not a plain nn.Linear"),
-    "norm_in_forward": ("model", "build the norm once in __init__ so it is registered, trained and saved"),
-    "residual_bug": ("model", "keep both residuals: x = x + attn(norm(x)); x = x + mlp(norm(x))"),
-    "no_causal_mask": ("model", "mask future positions: scaled_dot_product_attention(..., is_causal=True) or a "
-                                "lower-triangular mask"),
-    "init_scale_too_large": ("model", "initialise embeddings (and a tied head) with std ~0.02 (initializer_range), "
-                                      "not nn.Embedding's default N(0, 1)"),
-    "coupled_weight_decay": ("optimizer", "use torch.optim.AdamW (decoupled weight decay), or Adam with weight_decay=0"),
-    "params_not_in_optimizer": ("optimizer", "build the optimizer from model.parameters(), or from groups that cover "
-                                             "every trainable parameter"),
-    "unshifted_labels": ("data", "labels are the next tokens: y[t] = x[t+1] (shift by one, unless the model shifts "
-                                 "internally)"),
-    "train_inference_mismatch": ("data", "format inference prompts exactly as training sequences (the same BOS and "
-                                         "special tokens, the same spacing)"),
-}
 # A fault that explains another check's failure: the latter is then not reported as a fault of its
 # own (its check stays in failed_checks). A model that sees the answer while teacher-forced scores
 # high there and fails to generate; latent weights that decay collapsed below the quantizer's
@@ -85,7 +56,8 @@ def faults_of(failed: list[dict]) -> list[dict]:
         problem = r["suspected_bug"]
         if problem in explained or problem in faults:
             continue
-        part, fix = PROBLEMS.get(problem, ("model", "see the README's problem names"))
+        entry = PROBLEMS.get(problem, {"part": "model", "fix": "see the README's problem names"})
+        part, fix = entry["part"], entry["fix"]
         finding = r["evidence"].get("finding") or f"{r['name']} failed: {json.dumps(r['evidence'], default=str)[:240]}"
         faults[problem] = {"part": "layer" if r["name"] in LAYER_CHECKS else part, "problem": problem,
                            "evidence": finding, "fix": fix, "check": r["name"]}
