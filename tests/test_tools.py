@@ -38,17 +38,23 @@ def arith_run(arith_cfg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reversed_run(arith_cfg, tmp_path_factory):
-    # the run writes '3 * 4 = 21'; the tools must read it back as 12, as task.complete() does
-    return trained_run(arith_cfg(quant="ternary", max_steps=150, reverse_answers=True), tmp_path_factory)
+    # the run writes '1 * 2 = 20' (answers 2 digits wide, reversed); the tools show '1 * 2 = 2'
+    return trained_run(arith_cfg(quant="ternary", max_steps=150, pad_numbers=True, reverse_answers=True),
+                       tmp_path_factory)
 
 
 @pytest.mark.parametrize("which", ["arith_run", "reversed_run"])
 def test_generate_prints_the_greedy_completion(which, request):
     out, task, model = request.getfixturevalue(which)
-    proc = run(["-m", "bitnet.generate", "--checkpoint", out, "--prompt", "3 * 4 ="])
-    assert proc.returncode == 0, proc.stderr
-    want = "3 * 4 =" + task.complete(model, "3 * 4 =", "cpu").rstrip("\n")
-    assert proc.stdout.strip() == want.strip()
+    proc = run(["-m", "bitnet.generate", "--checkpoint", out, "--prompt", "1 * 2 ="])
+    raw = run(["-m", "bitnet.generate", "--checkpoint", out, "--prompt", "1 * 2 =", "--raw"])
+    assert proc.returncode == 0 and raw.returncode == 0, proc.stderr + raw.stderr
+    prompt = task.domain.prompt(1, "*", 2)
+    written = task.greedy(model, prompt, "cpu").strip()  # what the model writes: '20' for the padded, reversed run
+    assert raw.stdout.strip() == f"{prompt} {written}"
+    assert written == task.domain.written_answer(1, "*", 2)  # it learned the 0-5 table
+    answer = int(written[::-1] if task.domain.reverse_answers else written)
+    assert proc.stdout.strip() == f"1 * 2 = {answer}"
 
 
 @pytest.mark.parametrize("which", ["arith_run", "reversed_run"])
@@ -60,7 +66,8 @@ def test_evaluate_arithmetic_matches_in_process_greedy_decoding(which, request, 
     proc = run(["-m", "bitnet.evaluate", "--checkpoint", out, "--arithmetic", str(path)])
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    hits = [task.complete(model, f"{a} {op} {b} =", "cpu").strip() == str(solve(a, op, b)) for a, op, b in problems]
+    hits = [task.complete(model, task.domain.prompt(a, op, b), "cpu").strip() == task.domain.answer(a, op, b)
+            for a, op, b in problems]
     assert result["n"] == len(problems)
     assert result["accuracy"] == pytest.approx(sum(hits) / len(hits))
     assert result["per_op"]["*"] == pytest.approx(sum(hits) / len(hits))

@@ -10,10 +10,11 @@ the seed.
 import hashlib
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
+
+from .taskkit import unigram_loss
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARS = list("0123456789+-*/= \n")
@@ -61,18 +62,7 @@ def format_prompt(a: int, op: str, b: int, width_a: int = 0, width_b: int = 0) -
     return f"{a:0{width_a}d} {op} {b:0{width_b}d} ="
 
 
-PROMPT_RE = re.compile(r"^(\s*)(\d+)\s*([-+*/])\s*(\d+)\s*=(.*)$", re.S)
-
-
-def match_format(prompt: str, number_format: dict) -> str:
-    """A prompt typed as '7 + 12 =' written the way a run trained with pad_numbers saw it
-    ('07 + 12 ='): `number_format` is what the run's task identity recorded ({op: widths});
-    anything else comes back unchanged."""
-    m = PROMPT_RE.match(prompt)
-    if not number_format or not m or m[3] not in number_format:
-        return prompt
-    wa, wb, _ = number_format[m[3]]
-    return m[1] + format_prompt(int(m[2]), m[3], int(m[4]), wa, wb) + m[5]
+LINE_RE = re.compile(r"^(\s*)(\d+)\s*([-+*/])\s*(\d+)\s*=(\s*)(-?\d+)?(.*)$", re.S)  # prompt, answer, rest
 
 
 def read_answer(completion: str, reversed_answers: bool) -> str:
@@ -83,6 +73,74 @@ def read_answer(completion: str, reversed_answers: bool) -> str:
     core = completion.strip()
     start = completion.index(core) if core else 0
     return completion[:start] + core[::-1] + completion[start + len(core):]
+
+
+@dataclass
+class ArithmeticCodec:
+    """Problems in two forms: the model's, as the run trained (pad_numbers: '07 + 12 = 019';
+    reverse_answers: answer digits last first, '910') and a person's ('7 + 12 = 19')."""
+    number_format: dict  # {op: [width of a, of b, of the answer]}; empty = no padding
+    reverse_answers: bool = False
+    kind = "problems"  # evaluate --arithmetic
+    max_new_tokens = 8
+    tokenizer = None  # no free text to score
+
+    def __post_init__(self):
+        self.tok = CharTokenizer()
+        self.stop_id = self.tok.newline_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(ids)
+
+    def to_model(self, text: str) -> str:
+        """'7 + 12 =' -> '07 + 12 =', '7 + 12 = 19' -> '07 + 12 = 910' (as the run trained); text
+        that is not a problem comes back unchanged."""
+        m = LINE_RE.match(text)
+        if not m:
+            return text
+        wa, wb, wc = self.number_format.get(m[3], (0, 0, 0))
+        answer = m[6] or ""
+        if answer:
+            answer = f"{int(answer):0{wc}d}"
+            answer = answer[::-1] if self.reverse_answers else answer
+        return m[1] + format_prompt(int(m[2]), m[3], int(m[4]), wa, wb) + m[5] + answer + m[7]
+
+    def display(self, text: str) -> str:
+        """'07 + 12 = 910' -> '7 + 12 = 19': numbers without padding, the answer in the usual
+        order; an answer that is not a number keeps its characters (put back in order)."""
+        m = LINE_RE.match(text)
+        if not m:
+            return text
+        answer = read_answer(m[5] + (m[6] or "") + m[7], self.reverse_answers).strip()
+        if re.fullmatch(r"-?\d+", answer):
+            answer = str(int(answer))
+        return f"{m[1]}{format_prompt(int(m[2]), m[3], int(m[4]))}{' ' if answer else ''}{answer}"
+
+    def save_pretrained(self, out_dir: str) -> dict:
+        arithmetic_tokenizer().save_pretrained(out_dir)
+        return {"bos": self.tok.bos_id, "stop": self.stop_id, "pad": self.tok.pad_id,
+                "max_new_tokens": self.max_new_tokens}
+
+
+def arithmetic_tokenizer():
+    """CharTokenizer as a transformers PreTrainedTokenizerFast with the same ids: one token per
+    character, <bos> prepended, specials (and the unused <rN>) skipped on decode."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = CharTokenizer()
+    tok = Tokenizer(models.WordLevel(vocab=dict(chars.stoi), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    tok.decoder = decoders.Fuse()  # join the pieces without spaces
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", chars.bos_id)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
+    fast.add_special_tokens({"additional_special_tokens": [t for t in chars.itos if t not in CHARS
+                                                           and t not in ("<pad>", "<bos>", "<eos>", "<unk>")]})
+    return fast
 
 
 def solve(a: int, op: str, b: int) -> int:
@@ -323,6 +381,23 @@ class ArithmeticTask:
             ident["reverse_answers"] = True  # the tools put a completion's digits back in order
         return ident
 
+    @staticmethod
+    def codec(identity: dict) -> ArithmeticCodec:
+        """The codec of a checkpoint with this identity (tasks.codec_for)."""
+        if identity.get("tokenizer") != CharTokenizer.identity:
+            raise ValueError(f"checkpoint tokenizer {identity.get('tokenizer')!r} is not this version's "
+                             f"{CharTokenizer.identity!r}")
+        return ArithmeticCodec(identity.get("number_format") or {}, bool(identity.get("reverse_answers")))
+
+    @staticmethod
+    def identity_of_tokenizer(tokenizer_json: str) -> dict | None:
+        """A transformers folder whose tokenizer is our character vocabulary holds an arithmetic model."""
+        from tokenizers import Tokenizer
+
+        chars = CharTokenizer()
+        return {"task": ArithmeticTask.name, "tokenizer": chars.identity} \
+            if Tokenizer.from_str(tokenizer_json).get_vocab() == chars.stoi else None
+
     def get_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # stateless: resumes exactly
         return encode_problems(self.domain.sample(batch_size, g, "train"), self.tok, self.cfg.train_on == "answer",
@@ -455,14 +530,17 @@ class ArithmeticTask:
 
     @torch.no_grad()
     def sample_lines(self, model, device, g, n_per_op: int = 2) -> list[str]:
-        """Greedy completions of a few prompts, marked right or wrong, as the seed prints them."""
+        """Greedy completions of a few prompts, marked right or wrong, as the seed prints them:
+        '5 + 3 = 8  ok', written as a person writes it whatever the training format."""
+        codec = self.codec(self.identity())
         lines = []
         for op in self.domain.operators:
             for a, op_, b in self.domain.sample(n_per_op, g, "train", ops=op):
-                prompt, want = self.domain.prompt(a, op_, b), self.domain.answer(a, op_, b)
-                got = self.complete(model, prompt, device)
-                ok = got.strip() == want
-                lines.append(f"{prompt}{got.rstrip()}  {'ok' if ok else 'WRONG, want ' + want}")
+                prompt = self.domain.prompt(a, op_, b)
+                written = self.greedy(model, prompt, device)
+                ok = written.strip() == self.domain.written_answer(a, op_, b)
+                line = codec.display(prompt + written.rstrip("\n"))
+                lines.append(f"{line}  {'ok' if ok else f'WRONG, want {solve(a, op_, b)}'}")
         return lines
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -474,24 +552,18 @@ class ArithmeticTask:
         text = self.tok.decode(row)
         return text[:text.index("=") + 1] if "=" in text else None
 
-    def complete(self, model, prompt: str, device, max_new_tokens: int = 8) -> str:
+    def greedy(self, model, prompt: str, device, max_new_tokens: int = 8) -> str:
+        """The model's own greedy completion of a training-format prompt ('07 + 12 =' -> ' 910\\n')."""
         ids = torch.tensor([self.prompt_ids(prompt)], device=device)
         out = model.generate(ids, max_new_tokens, stop_token=self.tok.newline_id)
-        return read_answer(self.tok.decode(out[0, ids.shape[1]:].tolist()), self.domain.reverse_answers)
+        return self.tok.decode(out[0, ids.shape[1]:].tolist())
+
+    def complete(self, model, prompt: str, device, max_new_tokens: int = 8) -> str:
+        """The greedy completion with its digits in the usual order (' 019\\n'), still padded."""
+        return read_answer(self.greedy(model, prompt, device, max_new_tokens), self.domain.reverse_answers)
 
 
 # --- inputs of the diagnosis, computed where their data lives ---
-
-def unigram_loss(get_batch, n_batches: int = 20, batch_size: int = 32) -> float:
-    """Cross-entropy of the best context-free guess (the training targets' own frequencies):
-    a model that beats it has learned something beyond token counts."""
-    counts = Counter()
-    for step in range(n_batches):
-        _, y = get_batch(step, batch_size)
-        counts.update(y[y != -100].tolist())
-    total = sum(counts.values())
-    return -sum(c / total * math.log(c / total) for c in counts.values())
-
 
 def arithmetic_answers(task, model, per_operator: int = 5) -> list[str]:
     """Greedy answers to a few training-distribution problems. The prompt includes the space

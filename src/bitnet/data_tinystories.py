@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .taskkit import TextCodec, unigram_loss
 from .trainer import atomic_path
 
 EOT = "<|endoftext|>"
@@ -250,6 +251,11 @@ def tokenizer_from_identity(identity: dict):
     return Tokenizer.from_str(identity["tokenizer"])
 
 
+def foreign_text_codec(identity: dict) -> TextCodec:
+    """The codec of a transformers folder made elsewhere: its tokenizer.json adds its own specials."""
+    return TextCodec(tokenizer_from_identity(identity), identity.get("eos_token_id"))
+
+
 def token_byte_lengths(tok) -> np.ndarray:
     """UTF-8 bytes that each token id stands for (0 for special tokens). Summed over any window they
     give its exact byte count, even where the window cuts a multi-byte character in two."""
@@ -404,6 +410,14 @@ class TinyStoriesTask:
     def identity(self) -> dict:
         return {"task": self.name, "tokenizer": self.tokenizer_json}  # the checkpoint carries its tokenizer
 
+    @staticmethod
+    def codec(identity: dict) -> TextCodec:
+        """The codec of a checkpoint with this identity (tasks.codec_for): training puts
+        <|endoftext|> before every document, so prompts start with it too."""
+        tok = tokenizer_from_identity(identity)
+        eot = tok.token_to_id(EOT)
+        return TextCodec(tok, eot, prefix=(eot,), pad_id=tok.token_to_id(PAD))
+
     def get_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows of the training stream, a pure function of (seed, step): resumes exactly."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
@@ -427,7 +441,6 @@ class TinyStoriesTask:
     metric_keys = ["bits_per_byte", "train_loss_eval"]
 
     def milestones(self) -> dict[str, float]:
-        from .data_arithmetic import unigram_loss
         ln_v, uni = math.log(self.cfg.vocab_size), unigram_loss(self.get_batch, 10, 16)
         return {f"ln(vocab) {ln_v:.2f}": ln_v, f"unigram {uni:.2f}": uni, "5.0 (seed: stuck above)": 5.0,
                 "2.0 (target)": 2.0}

@@ -29,6 +29,7 @@ import torch
 from .cli import run_main
 from .model import BitNetDecoderLayer, BitNetForCausalLM
 from .packing import pack_model, pack_ternary, unpacked_state_dict
+from .tasks import codec_for, identity_of_tokenizer
 from .trainer import TrainingError, load_checkpoint, model_from_checkpoint, write_json_atomic
 
 SIDECAR = "bitnet_tiny.json"
@@ -40,51 +41,6 @@ LINEAR_CLASSES = ("autobitlinear", "bitlinear")
 def is_hf_dir(path: str) -> bool:
     """A transformers model folder (config.json), as opposed to a run folder or ckpt.pt."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-
-
-# ---------------------------------------------------------------------------------- tokenizers
-def arithmetic_tokenizer():
-    """data_arithmetic.CharTokenizer as a transformers PreTrainedTokenizerFast with the same ids:
-    one token per character, <bos> prepended, specials (and the unused <rN>) skipped on decode."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from .data_arithmetic import CHARS, CharTokenizer
-
-    chars = CharTokenizer()
-    tok = Tokenizer(models.WordLevel(vocab=dict(chars.stoi), unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
-    tok.decoder = decoders.Fuse()  # join the pieces without spaces
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", chars.bos_id)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
-    fast.add_special_tokens({"additional_special_tokens": [t for t in chars.itos if t not in CHARS
-                                                           and t not in ("<pad>", "<bos>", "<eos>", "<unk>")]})
-    return fast
-
-
-def save_task_tokenizer(identity: dict, out_dir: str) -> dict:
-    """Write tokenizer files for the run's task; returns the special ids for config.json and
-    generation_config.json (stop = the token our generate stops on)."""
-    task = identity.get("task")
-    if task == "arithmetic":
-        from .data_arithmetic import CharTokenizer
-        chars = CharTokenizer()
-        if identity.get("tokenizer") != chars.identity:
-            raise TrainingError(f"checkpoint tokenizer {identity.get('tokenizer')!r} is not this version's {chars.identity!r}")
-        arithmetic_tokenizer().save_pretrained(out_dir)
-        return {"bos": chars.bos_id, "stop": chars.newline_id, "pad": chars.pad_id, "max_new_tokens": 8}
-    if task == "tinystories":
-        from tokenizers import processors
-
-        from .data_tinystories import EOT, PAD, save_tokenizer, tokenizer_from_identity
-        tok = tokenizer_from_identity(identity)
-        eot = tok.token_to_id(EOT)
-        # training puts <|endoftext|> before every story, so a transformers prompt gets it too
-        tok.post_processor = processors.TemplateProcessing(single=f"{EOT} $A", special_tokens=[(EOT, eot)])
-        save_tokenizer(tok, out_dir)
-        return {"bos": eot, "stop": eot, "pad": tok.token_to_id(PAD), "max_new_tokens": 200}
-    raise TrainingError(f"checkpoint was trained on an unknown task {task!r}; cannot write its tokenizer")
 
 
 # ---------------------------------------------------------------------------------- export
@@ -160,7 +116,7 @@ def export(checkpoint: str, out_dir: str, packed: bool = False, linear_class: st
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        ids = save_task_tokenizer(ckpt.get("task") or {}, tmp)
+        ids = codec_for(ckpt.get("task") or {}).save_pretrained(tmp)  # tokenizer files; the ids config.json names
         qcfg = quantization_config(cfg.quant, packed, linear_class)
         hf_config(cfg, ids, qcfg).save_pretrained(tmp)
         config_path = os.path.join(tmp, "config.json")
@@ -240,14 +196,7 @@ def text_identity(path: str, hf: dict) -> dict:
     eos = (_read_json(gen) if os.path.isfile(gen) else {}).get("eos_token_id", hf.get("eos_token_id"))
     eos = eos[0] if isinstance(eos, list) else eos
     with open(tok_path, encoding="utf-8") as f:
-        text = f.read()
-    from tokenizers import Tokenizer
-
-    from .data_arithmetic import CharTokenizer
-    chars = CharTokenizer()
-    if Tokenizer.from_str(text).get_vocab() == chars.stoi:  # our character vocabulary: the arithmetic task
-        return {"task": "arithmetic", "tokenizer": chars.identity}
-    return {"task": "text", "tokenizer": text, "eos_token_id": eos}
+        return identity_of_tokenizer(f.read(), eos)  # a task claims its own tokenizer; else plain text
 
 
 def load_hf_bitnet_dir(path: str, latent: bool = True) -> dict:
