@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 
 from .cli import run_main
-from .data_arithmetic import parse_problem
+from .arithmetic_codec import parse_problem
 from .data_tinystories import read_text_file, text_metrics
 from .generate import KERNEL_CHOICES, load_for_inference, runs_at
 

@@ -6,7 +6,7 @@ task's identity() (a dict naming the task, with its tokenizer); codec_for(identi
 the codec from it through the registry below, so the tools never ask which task a run was.
 A new task implements Task and calls register(ItsClass) once.
 """
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
