@@ -74,6 +74,20 @@ def test_evaluate_arithmetic_matches_in_process_greedy_decoding(which, request, 
     assert result["per_op"]["+"] is None and result["accuracy"] > 0.5  # it learned the 0-5 table
 
 
+def test_evaluate_shows_wrong_answers_as_a_person_writes_them(reversed_run, tmp_path):
+    out, task, model = reversed_run
+    path = tmp_path / "problems.txt"
+    path.write_text("1 * 2 = 3\n2 * 2 = 4\n")  # the first expected answer is wrong: the model must miss it
+    written = task.greedy(model, task.domain.prompt(1, "*", 2), "cpu").strip()
+    assert written == "20"  # '02' reversed: what the padded, reversed run writes for 1 * 2
+    shown = run(["-m", "bitnet.evaluate", "--checkpoint", out, "--arithmetic", str(path)])
+    raw = run(["-m", "bitnet.evaluate", "--checkpoint", out, "--arithmetic", str(path), "--raw"])
+    assert shown.returncode == 0 and raw.returncode == 0, shown.stderr + raw.stderr
+    assert "  wrong: 1 * 2 = 2  (want 3)" in shown.stdout.splitlines()
+    assert "  wrong: 1 * 2 = 20  (want 30)" in raw.stdout.splitlines()  # the model's own form: '02' and '03' reversed
+    assert json.loads(shown.stdout.splitlines()[-1]) == json.loads(raw.stdout.splitlines()[-1])
+
+
 @pytest.mark.parametrize("line, needle", [("12 plus 7 = 19", "expected a problem like"),
                                           ("12 + 7 = ?", "expected a problem like")])
 def test_evaluate_arithmetic_bad_line_is_one_line_error(arith_run, tmp_path, line, needle):
