@@ -32,7 +32,9 @@ class Codec(Protocol):
 
 
 class Task(Protocol):
-    """What the trainer and the diagnosis need from an experiment."""
+    """What the trainer and the diagnosis need from an experiment. Optional, where a task has
+    them: solved(metrics) (stop_when_solved); get_rank_batch, state_dict and load_state_dict (a
+    streamed task's own batches and position, distributed.py); identity_of_tokenizer (register)."""
     name: str  # identity()["task"]: the key of the registry
     learning_kwargs: dict  # how the diagnosis decides the model learns (detectors.detect_learning)
     metric_keys: list[str]  # the evaluation figures the twin comparison prints
@@ -64,8 +66,8 @@ class TextFolder:
     codec = staticmethod(foreign_text_codec)
 
 
-for task in (ArithmeticTask, TinyStoriesTask, FineWebTask, TextFolder):
-    register(task)
+for builtin in (ArithmeticTask, TinyStoriesTask, FineWebTask, TextFolder):
+    register(builtin)
 
 
 def codec_for(identity: dict) -> Codec:
