@@ -3,6 +3,7 @@ nn.Linear, and third-party-style layers (tests/fixtures/third_party_layers.py) w
 published BitNet code is written; exit codes, one-line errors, and SPEC loading."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import torch
 from bitnet import check_layer
 from bitnet.bitlinear import BitLinear
 from bitnet.diagnose.bugs import BUGS
+from bitnet.diagnose.layer_probes import layer_problems, probe_layer
 
 ORIGINAL_OPS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__)
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "third_party_layers.py")
@@ -37,7 +39,7 @@ def run(capsys, *argv) -> tuple[int, dict, str]:
 
 def test_our_bitlinear_is_ok(capsys):
     code, verdict, out = run(capsys, "bitnet.bitlinear:BitLinear")
-    assert (code, verdict) == (0, {"verdict": "OK", "problems": [], "layer": "bitnet.bitlinear:BitLinear"})
+    assert (code, verdict) == (0, {"verdict": "OK", "problems": [], "deviations": [], "layer": "bitnet.bitlinear:BitLinear"})
     for check in ("weights_ternary", "activations_int8", "per_token_scale", "output_matches_recipe", "ste_gradients",
                   "bias_used", "no_state_built_in_forward"):
         assert f"\n{check} " in out
@@ -65,33 +67,98 @@ def test_transformers_autobitlinear_is_ok(capsys, no_compile):
     assert (code, verdict["problems"]) == (0, [])
 
 
+# every fixture: (the exact set of problems, the exact set of deviations)
 THIRD_PARTY = {
-    "FunctionSTELinear": [],
-    "NormedBitLinear": [],
-    "PrintingBitLinear": [],
-    "PositionalBiasLinear": [],
-    "UnusedBiasLinear": ["bias_unused"],
-    "ForwardNormLinear": ["wrong_norm_scale", "norm_in_forward"],
-    "ScaledNotRoundedLinear": ["act_not_rounded"],
-    "TensorScaleLinear": ["per_tensor_act_scale"],
-    "SignWeightLinear": ["binary_not_ternary"],
-    "InverseScaleLinear": ["wrong_weight_scale"],
-    "SignActivationLinear": ["binary_activations"],
-    "FrozenWeightLinear": ["weights_not_trainable"],
-    "IntegerNoRescaleLinear": ["missing_rescale"],
-    "RoundWithoutSTELinear": ["no_ste"],
-    "SignNormInForwardLinear": ["binary_not_ternary", "wrong_norm_scale", "bias_unused", "norm_in_forward"],
-    "SubLNBitLinear": [],
+    "FunctionSTELinear": ({}, {}),
+    "NormedBitLinear": ({}, {}),
+    "PrintingBitLinear": ({}, {}),
+    "PositionalBiasLinear": ({}, {"scales_after_matmul"}),
+    "UnusedBiasLinear": ({"bias_unused"}, {}),
+    "ForwardNormLinear": ({"wrong_norm_scale", "norm_in_forward"}, {}),
+    "ScaledNotRoundedLinear": ({"act_not_rounded"}, {}),
+    "TensorScaleLinear": ({"per_tensor_act_scale"}, {}),
+    "SignWeightLinear": ({"binary_not_ternary"}, {}),
+    "InverseScaleLinear": ({"wrong_weight_scale"}, {}),
+    "SignActivationLinear": ({"binary_activations"}, {}),
+    "FrozenWeightLinear": ({"weights_not_trainable"}, {}),
+    "IntegerNoRescaleLinear": ({"missing_rescale"}, {}),
+    "RoundWithoutSTELinear": ({"no_ste"}, {}),
+    "SignNormInForwardLinear": ({"binary_not_ternary", "wrong_norm_scale", "bias_unused", "norm_in_forward"}, {}),
+    "SubLNBitLinear": ({}, {}),
+    "TorchRMSNormBitLinear": ({}, {}),
+    "FlaStyleBitLinear": ({}, {}),
+    "FusedFlaStyleBitLinear": ({}, {}),
+    "Grid128Linear": ({}, {"act_grid_128"}),
+    "PerRowScaleLinear": ({}, {"per_row_weight_scale"}),
+    "GradScaledSTELinear": ({}, {"grad_scaled_per_tensor"}),
+    "SignNoRescaleLinear": ({"binary_not_ternary", "binary_activations", "missing_rescale"}, {}),
+    "OutputQuantNoRescaleLinear": ({"quantizes_output", "per_tensor_act_scale", "missing_rescale"}, {}),
+    "QbLayerNormLinear": ({"act_not_rounded"}, {"scales_after_matmul"}),
 }
 
 
 @pytest.mark.parametrize("name", THIRD_PARTY)
 def test_third_party_style_layers_are_judged_right(capsys, name):
-    code, verdict, _ = run(capsys, f"{FIXTURES}:{name}")
-    want = THIRD_PARTY[name]
-    assert verdict["problems"] == want and code == (1 if want else 0)
+    """Every fault named, none that is not there; a harmless convention listed as a deviation
+    (with its measure) and never making BROKEN."""
+    code, verdict, out = run(capsys, f"{FIXTURES}:{name}")
+    problems, deviations = THIRD_PARTY[name]
+    assert set(verdict["problems"]) == set(problems) and len(verdict["problems"]) == len(problems)
+    assert {d["problem"] for d in verdict["deviations"]} == set(deviations)
+    assert all(d["measured"] for d in verdict["deviations"])
+    assert code == (1 if problems else 0) and verdict["verdict"] == ("BROKEN" if problems else "OK")
+    for p in problems:  # each name in the table with its severity, next to the evidence that measured it
+        assert re.search(rf"FAIL .*{p} \((fatal|harmful)\)", out)
 
 
+def trained_looking(layer, seed=3):
+    """A layer as training leaves it: its latent weight and every norm's gain and bias moved."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+            elif name.endswith("weight"):  # a norm's gain, far from 1 and uneven
+                p.copy_(0.3 + 2 * torch.rand(p.shape, generator=g, dtype=p.dtype))
+            else:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return layer
+
+
+def load_fixture(name):
+    from bitnet.spec import resolve_spec
+    return resolve_spec(f"{FIXTURES}:{name}")
+
+
+@pytest.mark.parametrize("name,kwargs", [("TorchRMSNormBitLinear", {}), ("NormedBitLinear", {}),
+                                         ("FlaStyleBitLinear", {"norm_bias": True}),
+                                         ("FusedFlaStyleBitLinear", {"norm_bias": True}), ("SubLNBitLinear", {}),
+                                         ("SubLNBitLinear", {"bias": False})])
+def test_a_trained_norm_inside_the_layer_is_part_of_the_reference(name, kwargs):
+    """The reference is the layer as it is: a norm whose gain (and bias) trained away from 1 (0)
+    is what the matmul should receive; a correct layer stays OK."""
+    layer = trained_looking(load_fixture(name)(128, 96, **kwargs).double())
+    norm = next(m for m in layer.modules() if m is not layer)
+    assert float((norm.weight.detach() - 1).abs().max()) > 0.5  # the gain really moved
+    t0 = time.perf_counter()
+    checks = probe_layer(layer)
+    assert time.perf_counter() - t0 < 5  # well under a second alone; the machine is shared
+    assert layer_problems(checks) == [] and all(c["passed"] for c in checks), \
+        [(c["name"], c["evidence"]) for c in checks if not c["passed"]]
+    assert checks[3]["evidence"]["input"].startswith("module ")  # fitted through the layer's own norm
+
+
+def test_the_unit_gain_reference_is_not_what_passes_a_trained_norm():
+    """The probe is not blind: the same layer with the norm's gain applied twice is no longer the
+    recipe through its own norm, and says so."""
+    cls = load_fixture("TorchRMSNormBitLinear")
+
+    class GainTwice(cls):
+        def forward(self, x):
+            return super().forward(x * self.norm.weight)
+
+    checks = probe_layer(trained_looking(GainTwice(128, 96).double()))
+    assert not checks[3]["passed"]
 def test_a_printing_layer_keeps_the_json_last_in_a_real_process(repo_root):
     proc = subprocess.run([sys.executable, "-m", "bitnet.check_layer", f"{FIXTURES}:PrintingBitLinear"],
                           capture_output=True, text=True, cwd=repo_root)

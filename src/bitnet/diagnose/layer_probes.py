@@ -407,16 +407,20 @@ def check_gradients(layer, weight, transposed, x, g, obs: Observation, u_fns: di
     w = weight.detach().T if transposed else weight.detach()
     mean_abs = float(w.abs().mean().clamp(min=1e-5))
     call = next((c for c in obs.calls if c.grad_output is not None), None)
+    accepted_w = [1.0]  # dL/dW over G^T A: 1, or B's magnitude over mean|W| (B in other units, e.g. integer levels)
     if call is not None:
         G, A, B = (t.double().reshape(-1, t.shape[-1]) for t in (call.grad_output, call.activation, call.weight))
-        want_d_w = G.T @ A  # times 1 (dequantized B) or 1/mean|W| (integer levels): both the STE
+        want_d_w = [G.T @ A]
+        if one_magnitude(B):
+            accepted_w.append(float(B.abs().max()) / mean_abs)
         d_a = (G @ B).reshape(x.shape)
         a_max = A.reshape(x.shape).abs().amax(-1, keepdim=True)
         ev["from"] = "the matmul's own operands"
-    else:  # no matmul seen: the recipe's operands
+    else:  # no matmul seen (or none in the graph, as in a fused autograd.Function): the recipe's operands
         g2 = g.reshape(-1, g.shape[-1]).double()
-        u = next(iter(u_fns.values()))(x.detach())
-        want_d_w = g2.T @ reference_activation_quant(u.double()).reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            want_d_w = [g2.T @ reference_activation_quant(u_fn(x.detach()).double()).reshape(-1, x.shape[-1])
+                        for u_fn in u_fns.values()]
         d_a, a_max = g.double() @ reference_weight_quant(w.double()), None
         ev["from"] = "the recipe's operands (no matmul seen)"
     want_d_x = []
@@ -434,7 +438,7 @@ def check_gradients(layer, weight, transposed, x, g, obs: Observation, u_fns: di
             want_d_x.append(torch.autograd.grad(u, x0, (d_a * r).to(u.dtype), retain_graph=True)[0])
     tol = 1e-2 if normalizes else 1e-3
     deviations, failed = [], []
-    for part, got, wants, accepted in (("weight", d_w, [want_d_w], (1.0, 1 / mean_abs)), ("input", x.grad, want_d_x, (1.0,))):
+    for part, got, wants, accepted in (("weight", d_w, want_d_w, accepted_w), ("input", x.grad, want_d_x, (1.0,))):
         fits = [(rel(got.double(), want.double()), 1.0) for want in wants]
         fits += [(err, c) for c, err in (scalar_fit(got, want) for want in wants)]
         err, c = min(fits, key=lambda f: f[0])

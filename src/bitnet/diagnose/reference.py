@@ -99,12 +99,14 @@ def on_int8_grid(a: torch.Tensor) -> str | None:
     if rows.numel() == 0:
         return None
 
-    def integral(k):
-        return bool(((k - k.round()).abs() <= 1e-3).all()) and float(k.abs().max()) <= 128.5
+    def integral(k):  # per row
+        return ((k - k.round()).abs() <= 1e-3).all(-1) & (k.abs().amax(-1) <= 128.5)
 
-    for level in (127.0, 128.0):
-        if integral(rows * level / rows.abs().amax(-1, keepdim=True)):
-            return "per_token"
-        if integral(rows * level / rows.abs().max()):
-            return "per_tensor"
-    return "integer" if integral(rows) else None
+    def on_levels(scale):  # each row's largest value at level 127 or at 128 (a 128 grid clips +128 to 127)
+        return bool((integral(rows * 127.0 / scale) | integral(rows * 128.0 / scale)).all())
+
+    if on_levels(rows.abs().amax(-1, keepdim=True)):
+        return "per_token"
+    if on_levels(rows.abs().max()):
+        return "per_tensor"
+    return "integer" if bool(integral(rows).all()) else None
