@@ -205,3 +205,32 @@ def test_a_user_package_called_bitnet_loads_beside_ours(tmp_path, capsys):
     assert not hasattr(bitnet, "WHOSE") and sys.modules["bitnet.bitlinear"].BitLinear is BitLinear
     assert sys.modules["_bitnet_user"].WHOSE == "theirs"
     assert (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__) == ORIGINAL_OPS  # hooks are gone
+
+
+QUANT = ("import torch\n\n"
+         "def activation_quant(x):\n    s = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)\n"
+         "    return (x * s).round().clamp(-128, 127) / s\n\n"
+         "def weight_quant(w):\n    s = 1.0 / w.abs().mean().clamp(min=1e-5)\n    return (w * s).round().clamp(-1, 1) / s\n")
+LINEAR = ("import torch.nn as nn\nimport torch.nn.functional as F\n"
+          "from {top}.quant import weight_quant\nfrom .quant import activation_quant\n\n"
+          "class BitLinear(nn.Linear):\n    def __init__(self, in_features, out_features):\n"
+          "        super().__init__(in_features, out_features, bias=False)\n\n    def forward(self, x):\n"
+          "        x_q = x + (activation_quant(x) - x).detach()\n"
+          "        return F.linear(x_q, self.weight + (weight_quant(self.weight) - self.weight).detach())\n")
+
+
+@pytest.mark.parametrize("top", ["bitnet", "their_bitnet_pkg"])
+def test_a_file_inside_a_package_loads_as_that_packages_module(tmp_path, capsys, top):
+    """their_repo/src/bitnet/linear.py importing its siblings as `bitnet.quant` and `.quant`: the
+    file form of the SPEC, the seed user's own layout, with their package called bitnet or not."""
+    pkg = tmp_path / "their_repo" / "src" / top
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "quant.py").write_text(QUANT)
+    (pkg / "linear.py").write_text(LINEAR.format(top=top))
+    src = tmp_path / "their_repo" / "src"
+    for argv in ([f"{pkg / 'linear.py'}:BitLinear", "--path", str(src)], [f"{pkg / 'linear.py'}:BitLinear"]):
+        code, verdict, _ = run(capsys, *argv)
+        assert (code, verdict["verdict"], verdict["problems"]) == (0, "OK", []), capsys.readouterr().err
+    import bitnet
+    assert sys.modules["bitnet.bitlinear"].BitLinear is BitLinear and not hasattr(bitnet, "linear")
