@@ -234,3 +234,33 @@ def test_a_file_inside_a_package_loads_as_that_packages_module(tmp_path, capsys,
         assert (code, verdict["verdict"], verdict["problems"]) == (0, "OK", []), capsys.readouterr().err
     import bitnet
     assert sys.modules["bitnet.bitlinear"].BitLinear is BitLinear and not hasattr(bitnet, "linear")
+
+
+def test_every_layer_of_a_trained_model_with_its_own_norm_is_ok(tmp_path, capsys, repo_root, monkeypatch):
+    """Our arithmetic model built with a BitLinear that holds a registered nn.RMSNorm, trained for
+    real steps so that the gains move away from 1: every layer is judged OK afterwards."""
+    import runpy
+
+    from bitnet.diagnose.probes import float64_copy, quantized_layers
+    from bitnet.trainer import load_checkpoint, model_from_checkpoint
+    small = ["--preset", "arithmetic", "--set", "hidden_size=32", "--set", "intermediate_size=64",
+             "--set", "num_hidden_layers=1", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=4",
+             "--set", "compile=false", "--set", "dtype=fp32", "--quiet", "--set", "batch_size=32",
+             "--set", "max_position_embeddings=16", "--set", "warmup_steps=5", "--set", "eval_interval=40",
+             "--set", "eval_problems=20", "--set", "learning_rate=1e-2", "--no-verdict"]
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(sys, "argv", ["train_bitnet_arithmetic.py", "--out-dir", str(tmp_path), "--max-steps", "40",
+                                      "--linear", f"{FIXTURES}:TorchRMSNormBitLinear", *small])
+    try:
+        runpy.run_path("train_bitnet_arithmetic.py", run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    model = model_from_checkpoint(load_checkpoint(str(tmp_path)))
+    layers = quantized_layers(model)
+    assert len(layers) == 7
+    moved = max(float((layer.norm.weight.detach() - 1).abs().max()) for _, layer in layers)
+    assert moved > 0.1, moved  # the gains trained away from 1
+    for name, layer in layers:
+        checks = probe_layer(float64_copy(layer))
+        assert layer_problems(checks) == [] and all(c["passed"] for c in checks), \
+            (name, [(c["name"], c["evidence"]) for c in checks if not c["passed"]])
