@@ -270,21 +270,24 @@ OUTPUT_QUANT = {"output quantized per token": (reference_activation_quant, ("qua
                                                 ("quantizes_output", "per_tensor_act_scale"), "per tensor")}
 
 
-def output_candidates(u, w):
-    """(description, product, problems, {scale name: scale}) for every way of combining an
-    activation quantizer, a weight quantizer and (instead of quantizing the input) a quantized
-    output: one layer often holds several mistakes at once."""
+def output_candidates(w):
+    """(description, problems, make) for every way of combining an activation quantizer, a
+    weight quantizer and (instead of quantizing the input) a quantized output, as one layer often
+    holds several mistakes at once; make(u) -> (the product, {scale name: the scale it
+    multiplied in, which a missing rescale leaves in the output})."""
     out = []
     for w_name, (w_q, w_problems, w_scale) in weight_candidates(w).items():
         for a_name, (quant, a_problems, a_scale) in ACTIVATIONS.items():
-            scales = {"weight scale 1/mean|W|": w_scale, f"activation scale ({a_name})": a_scale and a_scale(u)}
-            out.append((f"{a_name} x {w_name}", F.linear(quant(u), w_q), a_problems + w_problems,
-                        {k: v for k, v in scales.items() if v is not None}))
-        plain = F.linear(u, w_q)
+            def make(u, w_q=w_q, w_scale=w_scale, quant=quant, a_scale=a_scale, a_name=a_name):
+                scales = {"weight scale 1/mean|W|": w_scale, f"activation scale ({a_name})": a_scale and a_scale(u)}
+                return F.linear(quant(u), w_q), {k: v for k, v in scales.items() if v is not None}
+            out.append((f"{a_name} x {w_name}", a_problems + w_problems, make))
         for o_name, (quant, o_problems, per) in OUTPUT_QUANT.items():
-            o_scale = 127.0 / (token_max(plain) if per == "per token" else plain.abs().amax())
-            out.append((f"{o_name} x {w_name}", quant(plain), o_problems + w_problems,
-                        {f"output scale ({per})": o_scale}))
+            def make(u, w_q=w_q, quant=quant, per=per):
+                plain = F.linear(u, w_q)
+                o_scale = 127.0 / (token_max(plain) if per == "per token" else plain.abs().amax())
+                return quant(plain), {f"output scale ({per})": o_scale}
+            out.append((f"{o_name} x {w_name}", o_problems + w_problems, make))
     return out
 
 
@@ -334,18 +337,24 @@ def check_output(y, inputs: dict, w, bias, operands: dict, weight_check: dict) -
     y = y - (0 if bias is None else bias.detach())
     if float(y.abs().max()) == 0.0:
         return named(name, {"why": "the output is all zeros"}, ["wrong_weight_scale"])
+    # least severe explanations first (stable: the recipe, then the input as it is, first), so
+    # the first exact fit is the one to report and a correct layer costs one product
+    tries = sorted(((u_name, u, c) for u_name, u in inputs.items() for c in output_candidates(w)),
+                   key=lambda t: badness(t[2][1]))
     fits = []
-    for u_name, u in inputs.items():
-        for c_name, want, problems, scales in output_candidates(u, w):
-            factor, scaled = fitted_factor(y, want)
-            fits.append({"input": u_name, "candidate": c_name, "problems": list(problems), "scales": scales,
-                         "error": typical_error(y, want), "scaled_error": scaled, "factor": factor, "want": want})
-    exact = [f for f in fits if f["error"] < 1e-3]
-    if exact:
-        best = min(exact, key=lambda f: badness(f["problems"]))
+    for u_name, u, (c_name, problems, make) in tries:
+        want, scales = make(u)
+        factor, scaled = fitted_factor(y, want)
+        fits.append({"input": u_name, "candidate": c_name, "problems": list(problems), "scales": scales,
+                     "error": typical_error(y, want), "scaled_error": scaled, "factor": factor})
+        if fits[-1]["error"] < 1e-3:
+            break
+    if fits[-1]["error"] < 1e-3:
+        best = fits[-1]
         ev = {"input": best["input"], "closest": best["candidate"], "relative_error": round(best["error"], 6)}
-        recipe = next(f for f in fits if f["candidate"] == "int8 per token x ternary" and f["input"] == best["input"])
-        deviations = [{"problem": p, "measured": {"output_vs_recipe": round(recipe["error"], 6)}}
+        recipe_error = typical_error(y, F.linear(reference_activation_quant(inputs[best["input"]]),
+                                                 reference_weight_quant(w)))
+        deviations = [{"problem": p, "measured": {"output_vs_recipe": round(recipe_error, 6)}}
                       for p in best["problems"] if is_deviation(p)]
         if operands.get("integer_levels"):
             deviations.append({"problem": "scales_after_matmul", "measured": operands["integer_levels"]})
