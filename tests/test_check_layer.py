@@ -94,6 +94,7 @@ THIRD_PARTY = {
     "SignNoRescaleLinear": ({"binary_not_ternary", "binary_activations", "missing_rescale"}, {}),
     "OutputQuantNoRescaleLinear": ({"quantizes_output", "per_tensor_act_scale", "missing_rescale"}, {}),
     "QbLayerNormLinear": ({"act_not_rounded"}, {"scales_after_matmul"}),
+    "MaxScaleWeightLinear": ({"wrong_weight_scale"}, {}),
 }
 
 
