@@ -190,7 +190,7 @@ def test_non_numeric_answers():
 def test_run_detectors_picks_what_the_inputs_allow():
     names = [d["name"] for d in diagnose.run_detectors(history([3.4, 2.0]), 32, samples=["a b c d"],
                                                         known_words={"a"}, arithmetic_answers=["1"])]
-    assert names == ["not_learning", "loss_stuck_above_5", "non_finite", "init_loss", "weight_decay_collapse",
+    assert names == ["not_learning", "loss_stuck_above_5", "non_finite", "init_loss", "init_weights", "weight_decay_collapse",
                      "all_parameters_updated", "repetitive_samples", "gibberish_samples", "non_numeric_answers"]
 
 
