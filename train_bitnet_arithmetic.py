@@ -11,6 +11,7 @@ import torch
 
 from bitnet.cli import build_config, choose_preset, common_parser, dry_run, run_experiment, run_main, set_threads
 from bitnet.data_arithmetic import ArithmeticTask
+from bitnet.diagnose.rules import conclude
 
 
 def main():
@@ -43,7 +44,7 @@ def main():
         print(f"our bar (>= 99% on every operator, in-distribution and held-out): "
               + ("reached" if s["bar"] else "not reached: " + ", ".join(s["bar_short"])))
 
-    run_experiment(args, cfg, task, os.path.abspath(__file__), summarize, report, conclude=task.conclude)
+    run_experiment(args, cfg, task, os.path.abspath(__file__), summarize, report, conclude=lambda summaries, verdict: conclude(summaries, verdict, task.thresholds))
 
 
 if __name__ == "__main__":

@@ -236,6 +236,7 @@ def test_a_named_pipeline_fault_is_broken_with_part_evidence_and_fix():
     (fault,) = v["faults"]
     assert fault["part"] == "optimizer" and "AdamW" in fault["fix"] and "fell" in fault["evidence"]
     assert "optimizer: coupled_weight_decay: Adam with weight_decay=0.1" in diagnose.format_verdict(v)
+    assert fault["severity"] == "fatal" and "[fatal]" in diagnose.format_verdict(v)
 
 
 def test_old_bugs_get_their_part_and_a_missing_mask_explains_the_format_gap():

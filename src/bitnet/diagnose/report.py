@@ -11,6 +11,7 @@ from .detectors import format_scores, learning_summary, prompt_token_pairs, run_
 from .health import QuantHealthTracker, summarise_quant_health
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics
 from .probes import run_probes
+from .rules import learning_kwargs as thresholds_learning_kwargs, target_unigram_loss
 from .verdict import format_results, format_verdict, make_verdict, write_verdict
 
 
@@ -46,7 +47,7 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     cfg = model.config
     probes = run_probes(model)
     log("\nprobes:\n" + format_results(probes))
-    learning_kwargs = learning_kwargs or {}
+    learning_kwargs = learning_kwargs or thresholds_learning_kwargs(getattr(task, "thresholds", None))
     detectors = run_detectors(history, cfg.vocab_size, cfg.warmup_steps, samples=samples, known_words=known_words,
                               arithmetic_answers=arithmetic_answers, model=model, batch=batch,
                               format_hits=format_scores(task, model), prompt_pairs=prompt_token_pairs(task),
@@ -58,7 +59,10 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     if twin_history:
         twin = learning_summary(twin_history, cfg.vocab_size, cfg.warmup_steps, **learning_kwargs)
         log(f"twin:    {twin['reason']}")
-    verdict = make_verdict(probes, ternary, twin, detectors)
+    # the twin comparison measures progress from the best context-free guess, which a model whose
+    # quantized layers pass nothing on still reaches through its embeddings and head
+    baseline = target_unigram_loss(task.get_batch) if twin and callable(getattr(task, "get_batch", None)) else None
+    verdict = make_verdict(probes, ternary, twin, detectors, baseline_loss=baseline)
     if stack:
         from ..plugged import stack_statement
         verdict["your_stack"] = {**stack, "statement": stack_statement(stack, verdict, history, twin_history)}
