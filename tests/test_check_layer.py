@@ -12,7 +12,7 @@ import torch
 
 from bitnet import check_layer
 from bitnet.bitlinear import BitLinear
-from bitnet.diagnose.bugs import BUGS
+from bitnet.bugs import BUGS
 
 ORIGINAL_OPS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__)
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "third_party_layers.py")

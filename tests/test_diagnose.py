@@ -12,9 +12,9 @@ import torch.nn as nn
 from bitnet import diagnose
 from bitnet.bitlinear import BitLinear
 from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic
-from bitnet.diagnose.bugs import BUGS
+from bitnet.bugs import BUGS
 from bitnet.model import BitNetForCausalLM
-from bitnet.trainer import build_model
+from bitnet.build import build_model
 
 torch.set_num_threads(1)
 

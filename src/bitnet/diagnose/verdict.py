@@ -2,7 +2,7 @@
 import json
 import os
 
-from ..trainer import write_json_atomic
+from ..rundir import write_json_atomic
 from .detectors import _finite
 from .problems import PROBLEMS
 
