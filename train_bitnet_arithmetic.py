@@ -9,9 +9,11 @@ import os
 
 import torch
 
-from bitnet.cli import build_config, choose_preset, common_parser, dry_run, run_experiment, run_main, set_threads
+from bitnet.cli import build_config, choose_preset, common_parser, dry_run, set_threads
 from bitnet.data_arithmetic import ArithmeticTask
 from bitnet.diagnose.rules import conclude
+from bitnet.errors import run_main
+from bitnet.experiment import run_experiment
 
 
 def main():

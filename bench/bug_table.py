@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
-from bitnet.diagnose.bugs import ALL_BUGS, BUGS, PIPELINE_BUGS  # noqa: E402
+from bitnet.bugs import ALL_BUGS, BUGS, PIPELINE_BUGS  # noqa: E402
 
 
 def run_one(name: str, extra: list[str], args) -> dict:

@@ -17,9 +17,10 @@ from bitnet.data_arithmetic import ArithmeticTask
 from bitnet.diagnose.health import TrainingSignals
 from bitnet.diagnose.report import diagnose_run
 from bitnet.diagnose.rules import conclude
-from bitnet.diagnose.bugs import BUGS
+from bitnet.bugs import BUGS
 from bitnet.model import BitNetForCausalLM
-from bitnet.trainer import build_model, train
+from bitnet.build import build_model
+from bitnet.trainer import train
 
 torch.set_num_threads(1)
 

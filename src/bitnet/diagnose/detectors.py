@@ -7,6 +7,7 @@ import re
 import torch
 import torch.nn as nn
 
+from ..words import WORD_RE, words_of  # noqa: F401 - WORD_RE was defined here
 from .probes import eval_mode, logits_of, next_token_loss, random_batch, result
 from .rules import _finite, learning_summary  # noqa: F401 (learning_summary: its old home)
 
@@ -71,14 +72,6 @@ def detect_non_finite(history: list[dict] | None = None, model: nn.Module | None
     evidence = {k: (v[:10] if isinstance(v, list) else v) for k, v in evidence.items()}
     passed = not (evidence["in_history"] or evidence["in_activations"] or evidence["in_loss"] or evidence["in_gradients"])
     return result("non_finite", passed, evidence)
-
-
-WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
-
-
-def words_of(text: str) -> list[str]:
-    """Lower-case words (letters and inner apostrophes); numbers and punctuation are dropped."""
-    return WORD_RE.findall(text.lower())
 
 
 def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:

@@ -185,7 +185,7 @@ def probe_all_parameters_trained(model: nn.Module, optimizer=None) -> dict:
     passed = not no_grad and not non_finite and not stateful_strays
     suspect = "norm_in_forward" if (no_grad or stateful_strays) else None
     if optimizer is not None:
-        from .health import params_missing_from_optimizer
+        from ..train_signals import params_missing_from_optimizer
         missing = params_missing_from_optimizer(model, optimizer)
         evidence.update(params_not_in_optimizer=missing[:10], n_params_not_in_optimizer=len(missing))
         if missing:

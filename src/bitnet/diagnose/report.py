@@ -6,7 +6,9 @@ import sys
 import torch
 import torch.nn as nn
 
-from ..trainer import CKPT_NAME, METRICS_NAME, TrainingError, find_runs, load_checkpoint, model_from_checkpoint
+from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..errors import TrainingError
+from ..rundir import CKPT_NAME, METRICS_NAME, find_runs
 from .detectors import format_scores, learning_summary, prompt_token_pairs, run_detectors
 from .health import QuantHealthTracker, summarise_quant_health
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics
@@ -95,7 +97,7 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
     batch, answers, task = None, None, None  # other tasks: random tokens, and no sample detectors
     if (ckpt.get("task") or {}).get("task") == "arithmetic":
         from ..data_arithmetic import ArithmeticTask, arithmetic_answers
-        from .bugs import wrap_task
+        from ..bugs import wrap_task
         task = wrap_task(ArithmeticTask(cfg), cfg.inject_bug)  # a data bug of the self-test, as it was trained
         batch = task.get_batch(0, 16)
         answers = arithmetic_answers(task, model)

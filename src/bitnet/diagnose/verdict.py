@@ -2,7 +2,7 @@
 import json
 import os
 
-from ..trainer import write_json_atomic
+from ..rundir import write_json_atomic
 from .problems import PROBLEMS, SEVERITY_ORDER, is_deviation, severity_of
 from .rules import _finite, progress_share
 
