@@ -37,6 +37,12 @@ SHIFT_NOTE = {True: "labels sit at their own input's position: the model shifts"
               False: "labels are the inputs shifted by one: the model does not shift"}
 
 
+def model_shifts_by_default(convention: str) -> bool:
+    """input_ids alone and transformers' `labels` mean the model shifts; (x, y) and `targets` / `y` mean
+    the loader did (nanoGPT, llama2.c)."""
+    return convention == "input_ids" or "labels" in convention
+
+
 def takes_rank(factory) -> bool:
     try:
         params = inspect.signature(factory).parameters
@@ -74,7 +80,7 @@ def load(spec: str, paths, kwargs: dict, max_batches: int, label: str, **rank):
 
 
 def tokenizer_of(arg: str, paths):
-    if os.path.exists(arg):
+    if os.path.exists(arg) or ":" not in arg:
         return load_codec(arg)
     return from_object(resolve_spec(arg, paths))
 
@@ -154,7 +160,8 @@ def main(argv=None) -> int:
     p.add_argument("--path", action="append", default=[], metavar="DIR", help="put DIR first on sys.path (repeatable)")
     p.add_argument("--max-batches", type=int, default=200, help="training batches read (default 200)")
     p.add_argument("--model-shifts", choices=("auto", "yes", "no"), default="auto",
-                   help="does the model shift labels itself? auto: yes for input_ids and dicts, no for (x, y)")
+                   help="does the model shift labels itself? auto: yes for input_ids and dicts with labels, "
+                        "no for (x, y) and dicts with targets")
     p.add_argument("--ignore-index", type=int, default=-100, help="the loss's ignore index (default -100)")
     p.add_argument("--vocab-size", type=int, help="the model's vocabulary size (default: the tokenizer's)")
     p.add_argument("--local-dataset", action="append", default=[], metavar="NAME[:SPLIT]=FILE",
@@ -185,7 +192,7 @@ def main(argv=None) -> int:
             val = None
             if args.val_batches:
                 val_batches, _ = load(args.val_batches, args.path, kwargs, min(args.max_batches, 50), "--val-batches")
-        shifts = {"yes": True, "no": False}.get(args.model_shifts, convention != "(x, y)")
+        shifts = {"yes": True, "no": False}.get(args.model_shifts, model_shifts_by_default(convention))
         data = Data(batches, convention, shifts, codec, args.ignore_index, args.vocab_size)
         if args.val_batches:
             val = Data(val_batches, convention, shifts, codec, args.ignore_index, args.vocab_size)
