@@ -262,7 +262,7 @@ def check_separators(data: Data, texts: list[str]) -> dict:
         return skipped("documents_separated", "needs --tokenizer to see documents")
     counts = token_counts(data)
     seen = {i: int(counts[i]) for i in data.separators if i < len(counts) and counts[i]}
-    joined = [m.group(0) for t in texts for m in RUN_TOGETHER.finditer(t)]
+    joined = [t[max(0, m.start() - 20):m.end() + 12] for t in texts for m in RUN_TOGETHER.finditer(t)]
     evidence = {"separator_tokens": {name(data, i): n for i, n in seen.items()}, "run_together": len(joined),
                 "rows": len(data.rows), "examples": joined[:5]}
     passed = bool(seen) or len(joined) < max(3, len(data.rows) // 100)
