@@ -99,6 +99,15 @@ def test_pad_ids_counted_in_the_loss(capsys, corpus, tokenizers):
     assert "sit on padding" in out
 
 
+def test_padded_input_ids_without_labels_train_on_padding(capsys, corpus, tokenizers):
+    code, report, out = loader(capsys, corpus, "padded_ids", tokenizers["dir"])
+    assert code == 1 and report["problems"] == ["padding_in_loss"] and report["convention"] == "input_ids"
+    assert "[pad]x" in out
+    pad_id = json.loads((Path(tokenizers["dir"]) / "tokenizer.json").read_text())["added_tokens"][1]["id"]
+    code, report, _ = loader(capsys, corpus, "padded_ids", tokenizers["dir"], "--ignore-index", pad_id)
+    assert code == 0, "a loss that ignores the pad id trains on no padding"
+
+
 def test_rank_unaware_streaming_loader(capsys, corpus, tokenizers):
     code, report, out = loader(capsys, corpus, "rank_unaware", tokenizers["json"])
     assert code == 1 and report["problems"] == ["ranks_share_data"]

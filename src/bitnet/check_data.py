@@ -40,7 +40,7 @@ SHIFT_NOTE = {True: "labels sit at their own input's position: the model shifts"
 def model_shifts_by_default(convention: str) -> bool:
     """input_ids alone and transformers' `labels` mean the model shifts; (x, y) and `targets` / `y` mean
     the loader did (nanoGPT, llama2.c)."""
-    return convention == "input_ids" or "labels" in convention
+    return convention in ("input_ids", "(input_ids, attention_mask)") or "labels" in convention
 
 
 def takes_rank(factory) -> bool:
@@ -102,13 +102,18 @@ def shown(data: Data, row: np.ndarray, pad: np.ndarray, width: int = 320) -> str
         parts.append(data.codec.decode(run).replace("\n", "\u23ce"))
     text = "".join(parts)
     text = re.sub(r"(\[pad\])+", lambda m: f"[pad]x{len(m.group(0)) // 5}", text)
-    return text if len(text) <= width else text[:width] + " ..."
+    return text if len(text) <= width else text[:width * 2 // 3] + " ... " + text[-width // 3:]  # the end shows padding
 
 
 def picture(data: Data, docs, rows: int = 3) -> list[str]:
     lines = ["rows as the model sees them ([name] = special token, \u23ce = newline):"]
-    b, pad = data.batches[0], data.pad[0]
-    lines += [f"  {i}: {shown(data, b.x[i], pad[i])}" for i in range(min(rows, len(b.x)))]
+    where = [(0, i) for i in range(min(rows - 1, len(data.batches[0].x)))]
+    for want in (lambda x, p: p.any(), lambda x, p: np.isin(x[1:], list(data.separators)).any()):
+        hit = next(((j, i) for j, (b, pad) in enumerate(zip(data.batches, data.pad))
+                    for i in range(len(b.x)) if want(b.x[i], pad[i])), None)  # a row with padding, one with a boundary
+        if hit is not None and hit not in where and len(where) < rows + 1:
+            where.append(hit)
+    lines += [f"  batch {j} row {i}: {shown(data, data.batches[j].x[i], data.pad[j][i])}" for j, i in where]
     lengths = np.array([len(d) for d, complete in docs if complete])
     if data.codec is None:
         lines.append("documents: needs --tokenizer")

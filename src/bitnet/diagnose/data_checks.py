@@ -2,7 +2,8 @@
 
 A loader yields batches in one of three conventions, normalised here to Batch(x, y, mask):
   "input_ids"  a LongTensor [B, T]; the labels are the inputs, the loss shifts
-  "(x, y)"     pairs; y is x shifted by one (nanoGPT, llama2.c: the model does not shift)
+  "(x, y)"     pairs; y is x shifted by one (nanoGPT, llama2.c: the model does not shift); a second
+               element of only 0s and 1s is an attention mask: "(input_ids, attention_mask)"
   "dict"       {"input_ids", "labels"/"targets", "attention_mask"}; labels equal input_ids and the
                model shifts (transformers), unless told otherwise (--model-shifts no)
 Each check returns {"name", "passed", "evidence", "suspected_bug"}; evidence["skipped"] says why a
@@ -71,6 +72,8 @@ def normalise(item, index: int) -> tuple[Batch, str]:
         return Batch(x, y, mask), "dict(" + ", ".join(k for k in (xk, yk, mk) if k) + ")"
     if isinstance(item, (tuple, list)) and len(item) in (2, 3) and not isinstance(item[0], (int, np.integer)):
         x, y = as_ids(item[0], f"{what}[0]"), as_ids(item[1], f"{what}[1]")
+        if len(item) == 2 and y.shape == x.shape and y.min() >= 0 and y.max() <= 1 < x.max():
+            return Batch(x, x, y), "(input_ids, attention_mask)"  # a mask, not labels
         mask = as_ids(item[2], f"{what}[2]") if len(item) == 3 else None
         return Batch(x, y, mask), "(x, y)"
     x = as_ids(item, what)
@@ -168,8 +171,9 @@ class Data:
                 for k in range(len(edges) - 1):
                     seg = content[edges[k] + 1: edges[k + 1]]
                     if len(seg):
-                        closed = k + 1 < len(edges) - 1 or bool(p.any())
-                        docs.append((seg, k > 0 and closed))
+                        padded = bool(p.any())  # a padded row holds whole documents: its start opens one
+                        closed = k + 1 < len(edges) - 1 or padded
+                        docs.append((seg, (k > 0 or padded) and closed))
         return docs
 
 

@@ -88,7 +88,7 @@ def hub_to_local(mapping: dict):
             return got
         if split is not None:
             return local_split(original, files_of(split), streaming)
-        names = [s for s in splits if s] or ["train"]
+        names = sorted({s for s in splits if s} | ({"train", "validation"} if None in splits else set()))
         parts = {s: local_split(original, files_of(s), streaming) for s in names}
         return (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)(parts)
 
