@@ -193,3 +193,20 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv):
     assert check_data.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("eos,code,problems", [(False, 1, ["no_document_separator"]), (True, 0, [])])
+def test_run_clm_style_hub_loader_from_the_command_line(corpus, tokenizers, eos, code, problems):
+    """A fresh process, so the loader's module-level `from datasets import load_dataset` binds the redirect."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    kwargs = json.dumps({"tokenizer_dir": tokenizers["dir"], "eos_between_documents": eos})
+    proc = subprocess.run([sys.executable, "-m", "bitnet.check_data", "--batches",
+                           str(ROOT / "tests" / "fixtures" / "hub_clm_loader.py:train_loader"), "--tokenizer",
+                           tokenizers["dir"], "--kwargs", kwargs, "--max-batches", "20",
+                           "--local-dataset", f"roneneldan/TinyStories={corpus['train']}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == code and report["problems"] == problems, proc.stderr[-2000:]

@@ -80,15 +80,17 @@ def normalise(item, index: int) -> tuple[Batch, str]:
     return Batch(x, x, None), "input_ids"
 
 
-def read_batches(iterable, max_batches: int, label: str = "the loader") -> tuple[list[Batch], str]:
-    """Up to max_batches batches (a streaming loader is never read to its end)."""
+def read_batches(iterable, max_batches: int, label: str = "the loader",
+                 max_tokens: int = 2_000_000) -> tuple[list[Batch], str]:
+    """Up to max_batches batches and about max_tokens input tokens (a streaming loader is never read to
+    its end; big batches do not make the checks slow)."""
     try:
         it = iter(iterable)
     except TypeError:
         raise DataError(f"{label} returned a {type(iterable).__name__}, which is not iterable; the factory must "
                         f"return an iterable of batches") from None
-    batches, convention = [], None
-    while len(batches) < max_batches:
+    batches, convention, n_tokens = [], None, 0
+    while len(batches) < max_batches and n_tokens < max_tokens:
         try:
             item = next(it)
         except StopIteration:
@@ -106,6 +108,7 @@ def read_batches(iterable, max_batches: int, label: str = "the loader") -> tuple
             raise DataError(f"{label} mixes conventions: {convention} then {conv} at batch {len(batches)}")
         convention = conv
         batches.append(batch)
+        n_tokens += batch.x.size
     if not batches:
         raise DataError(f"{label} yielded no batches")
     return batches, convention
@@ -250,7 +253,8 @@ def check_range(data: Data) -> dict:
     evidence = {"input_ids": [lo, hi], "label_ids": [lab_lo, lab_hi], "vocab_size": data.vocab_size}
     bad = []
     if min(lo, lab_lo) < 0:
-        bad.append(f"negative ids (smallest {min(lo, lab_lo)}; the ignore index is {data.ignore_index})")
+        bad.append(f"negative ids (smallest {min(lo, lab_lo)}; the ignore index is {data.ignore_index}: "
+                   f"pass --ignore-index {min(lo, lab_lo)} if your loss ignores that one)")
     if data.vocab_size is not None and max(hi, lab_hi) >= data.vocab_size:
         n = sum(int((b.x >= data.vocab_size).sum()) for b in data.batches)
         bad.append(f"{n:,} input ids at or above the vocabulary size {data.vocab_size} (largest {max(hi, lab_hi)})")
