@@ -123,6 +123,24 @@ def test_loader_that_restarts_its_iterator(capsys, corpus, tokenizers):
 def test_whitespace_pre_tokenizer(capsys, corpus, tokenizers):
     code, report, _ = loader(capsys, corpus, "packed", tokenizers["ws"])
     assert code == 1 and set(report["problems"]) == {"whitespace_lost", "decode_adds_spaces"}
+    code, report, out = loader(capsys, corpus, "packed", tokenizers["ws"], "--text", corpus["train"])
+    assert code == 1 and set(report["problems"]) == {"whitespace_lost", "decode_adds_spaces"}
+    assert "tokenizer_roundtrip" in out
+
+
+def test_raw_text_round_trip_shared_with_check_tokenizer(capsys, corpus, tokenizers, tmp_path):
+    """A Lowercase normalizer leaves no trace in the batches alone; the raw text's round trip names it."""
+    from tokenizers import Tokenizer, normalizers
+    tok = Tokenizer.from_file(tokenizers["json"])
+    tok.normalizer = normalizers.Lowercase()
+    path = str(tmp_path / "lower.json")
+    tok.save(path)
+    code, report, _ = loader(capsys, corpus, "packed", path)
+    assert code == 0
+    code, report, _ = loader(capsys, corpus, "packed", path, "--text", corpus["train"])
+    assert code == 1 and report["problems"] == ["lossy_normalizer"]
+    code, report, _ = loader(capsys, corpus, "packed", tokenizers["json"], "--text", corpus["train"])
+    assert code == 0 and report["problems"] == []
 
 
 def test_bos_at_inference_absent_from_training(capsys, corpus, tokenizers):

@@ -29,7 +29,8 @@ from .diagnose.data_checks import (Data, DataError, check_inference_start, check
                                    check_tokenizer_text, check_val, read_batches, token_counts)
 from .diagnose.local_hub import hub_to_local, parse_mapping
 from .diagnose.problems import PROBLEMS, is_deviation
-from .diagnose.tokenizer_checks import TokenizerError, from_object, load_codec, whitespace_probe
+from .diagnose.tokenizer_checks import (TokenizerError, examples_of, from_object, load_codec, roundtrip_report,
+                                        whitespace_probe)
 from .spec import SpecError, resolve_spec
 
 DEFAULT_PROMPT = "Once upon a time"
@@ -143,6 +144,19 @@ def format_table(checks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def roundtrip_check(codec, examples: list[str]) -> dict:
+    """check_tokenizer's decode(encode(x)) == x on the raw text: its first problem names the row."""
+    r = roundtrip_report(codec, examples)
+    evidence = {k: r[k] for k in ("examples", "exact_match_rate", "unk_rate", "examples_failing_by_cause")}
+    if r["problems"]:
+        d = r["first_difference"] or {}
+        evidence["finding"] = (f"decode(encode(x)) != x for {1 - r['exact_match_rate']:.0%} of {r['examples']} documents "
+                               f"({', '.join(r['problems'])}); first: {d.get('original', '')[:60]!r} -> "
+                               f"{d.get('decoded', '')[:60]!r}")
+    return {"name": "tokenizer_roundtrip", "passed": not r["problems"], "evidence": evidence,
+            "suspected_bug": r["problems"][0] if r["problems"] else None}
+
+
 def first_words(docs, codec) -> str:
     """The opening words of a training document (a prompt as a user would type it)."""
     for tokens, complete in docs:
@@ -161,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", metavar="PATH|SPEC", help="tokenizer.json, a transformers folder, or a SPEC naming one")
     p.add_argument("--encode", metavar="SPEC", help="how inference encodes a prompt: f(text) -> ids "
                                                     "(default: the tokenizer with its special tokens)")
+    p.add_argument("--text", metavar="FILE", help="raw text the loader reads: check_tokenizer's round trip on it too")
     p.add_argument("--kwargs", default="{}", metavar="JSON", help="keyword arguments for the factories, a JSON object")
     p.add_argument("--path", action="append", default=[], metavar="DIR", help="put DIR first on sys.path (repeatable)")
     p.add_argument("--max-batches", type=int, default=200, help="training batches read (default 200)")
@@ -207,12 +222,22 @@ def main(argv=None) -> int:
     except (SpecError, DataError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.text and codec is None:
+        print("error: --text needs --tokenizer", file=sys.stderr)
+        return 2
+    try:
+        raw = examples_of(open(args.text, encoding="utf-8").read(), 2000) if args.text else None
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"error: cannot read --text {args.text}: {e}", file=sys.stderr)
+        return 2
     docs = data.documents() if codec else []
     texts = [codec.decode(d.tolist()) for d, _ in docs] if codec else []
     checks = [check_labels(data), check_padding(data), check_range(data), check_separators(data, texts),
               check_repeats(data), check_ranks(rank0, rank1), check_val(data, val),
               check_inference_start(data, encode, first_words(docs, codec) if codec else DEFAULT_PROMPT),
               *check_tokenizer_text(data, texts, whitespace_probe(codec) if codec else {})]
+    if raw is not None:
+        checks.append(roundtrip_check(codec, raw))
     named = [c["suspected_bug"] for c in checks if c["suspected_bug"]]
     problems = [n for n in dict.fromkeys(named) if not is_deviation(n)]
     verdict = "BROKEN" if problems else "OK"

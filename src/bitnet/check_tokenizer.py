@@ -17,9 +17,7 @@ import json
 import os
 import sys
 
-from .diagnose.tokenizer_checks import TokenizerError, load_codec, roundtrip_report
-
-EOT = "<|endoftext|>"
+from .diagnose.tokenizer_checks import TokenizerError, examples_of, load_codec, roundtrip_report
 # the shared TinyStories validation text beside the checkout (../shared), when there is one
 DEFAULT_TEXT = next((os.path.join(d, "shared", "data", "tinystories", "valid.txt")
                      for d in [os.path.abspath(os.path.join(os.path.dirname(__file__), *[".."] * n)) for n in range(2, 6)]
@@ -27,11 +25,6 @@ DEFAULT_TEXT = next((os.path.join(d, "shared", "data", "tinystories", "valid.txt
 SAMPLE = ("Once upon a time, there was a little girl named Lily. She loved to play outside!\n"
           "\"Can I have 3 apples?\" asked Tom. His mom said, \"Yes, you can.\"\n"
           "They didn't know what to do... so they laughed; it was 5:30 pm.\n")
-
-
-def examples_of(text: str, limit: int) -> list[str]:
-    parts = text.split(EOT) if EOT in text else text.splitlines()
-    return [p.strip() for p in parts if p.strip()][:limit]
 
 
 def check_tokenizer(path: str, text: str, max_examples: int = 2000) -> dict:

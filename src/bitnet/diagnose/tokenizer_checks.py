@@ -13,6 +13,7 @@ BOS_NAMES = ("<s>", "<bos>", "[CLS]", "<|begin_of_text|>", "<|startoftext|>", "<
 EOS_NAMES = ("</s>", "<eos>", "[SEP]", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "<|eos|>")
 PAD_NAMES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")
 UNK_NAMES = ("<unk>", "[UNK]", "<|unk|>")
+EOT = "<|endoftext|>"
 
 
 class TokenizerError(ValueError):
@@ -112,6 +113,12 @@ def load_codec(path: str) -> Codec:
 
 
 # ----------------------------------------------------------------------------- round trips
+
+def examples_of(text: str, limit: int) -> list[str]:
+    """Documents of a text: split at <|endoftext|> when it has one, else its non-empty lines."""
+    parts = text.split(EOT) if EOT in text else text.splitlines()
+    return [p.strip() for p in parts if p.strip()][:limit]
+
 
 def first_difference(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
