@@ -228,3 +228,14 @@ def test_run_clm_style_hub_loader_from_the_command_line(corpus, tokenizers, eos,
                           capture_output=True, text=True, env=env, timeout=300)
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == code and report["problems"] == problems, proc.stderr[-2000:]
+
+
+def test_every_problem_check_data_names_is_a_data_problem_in_the_catalogue():
+    import re
+    from bitnet.diagnose import data_checks
+    from bitnet.diagnose.problems import PROBLEMS
+    source = Path(data_checks.__file__).read_text()
+    named = set(re.findall(r'result\("\w+", [^\n]*, "(\w+)"\)', source))  # result(check, passed, evidence, "problem")
+    named |= {"decode_adds_spaces", "lossy_normalizer", "unk_tokens", "decode_mismatch"}  # the round trip's
+    assert len(named) >= 13
+    assert {n: PROBLEMS.get(n, {}).get("part") for n in named} == {n: "data" for n in named}
