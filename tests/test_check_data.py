@@ -170,7 +170,9 @@ def test_hub_to_local_serves_stories_and_passes_other_names_through(corpus):
     from bitnet.diagnose.local_hub import hub_to_local, parse_mapping
     original = datasets.load_dataset
     with hub_to_local(parse_mapping([f"roneneldan/TinyStories={corpus['train']}"])):
-        rows = list(datasets.load_dataset("roneneldan/TinyStories", split="train", streaming=True).take(3))
+        stream = datasets.load_dataset("roneneldan/TinyStories", split="train", streaming=True)
+        assert stream.column_names == ["text"]  # loaders call .map(..., remove_columns=ds.column_names)
+        rows = list(stream.take(3))
         whole = datasets.load_dataset("roneneldan/TinyStories", split="train")
     assert [r["text"] for r in rows] == corpus["stories"][:3] and len(whole) == len(corpus["stories"])
     assert datasets.load_dataset is original

@@ -60,9 +60,10 @@ def local_split(original, files: list[str], streaming: bool):
         return original(kinds.pop(), data_files=files, split="train", streaming=streaming)
     if kinds != {"text"}:
         raise ValueError(f"local files of mixed kinds: {files}")
+    features = datasets.Features({"text": datasets.Value("string")})  # known up front, as the hub's are
     if streaming:
-        return datasets.IterableDataset.from_generator(text_rows, gen_kwargs={"files": files})
-    return datasets.Dataset.from_list(list(text_rows(files)))
+        return datasets.IterableDataset.from_generator(text_rows, features=features, gen_kwargs={"files": files})
+    return datasets.Dataset.from_list(list(text_rows(files)), features=features)
 
 
 @contextlib.contextmanager
