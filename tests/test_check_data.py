@@ -207,6 +207,7 @@ def test_our_fineweb_loader_is_ok(capsys, corpus, tokenizers):
     ["--batches", f"{LOADERS}:packed", "--kwargs", "{not json"],
     ["--batches", f"{LOADERS}:packed", "--kwargs", '{"tokenizer": "/nonexistent.json", "text": "/nonexistent.txt"}'],
     ["--batches", f"{LOADERS}:EOT"],  # a string: not batches
+    ["--batches", f"{LOADERS}:packed"],  # its arguments not given: the line says --kwargs
     ["--batches", f"{LOADERS}:packed", "--tokenizer", "/nonexistent/tokenizer.json"],
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv):

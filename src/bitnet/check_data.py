@@ -71,7 +71,8 @@ def open_loader(obj, kwargs: dict, label: str, **rank):
         return obj(**accepted(obj, kwargs), **rank)
     except Exception as e:  # noqa: BLE001 - the user's factory fails in any way: one line
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"{label} raised {type(e).__name__}: {text}") from None
+        hint = "; pass its arguments with --kwargs JSON" if "required" in text and "argument" in text else ""
+        raise DataError(f"{label} raised {type(e).__name__}: {text}{hint}") from None
 
 
 def load(spec: str, paths, kwargs: dict, max_batches: int, label: str, **rank):
