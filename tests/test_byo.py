@@ -14,7 +14,10 @@ import torch
 import torch.nn as nn
 
 from bitnet.config_tiny import BitNetConfigArithmetic
-from bitnet.trainer import TrainingError, apply_schedule, build_model, load_checkpoint, make_optimizer, model_from_checkpoint
+from bitnet.build import build_model, make_optimizer
+from bitnet.checkpoint import load_checkpoint, model_from_checkpoint
+from bitnet.errors import TrainingError
+from bitnet.schedule import apply_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
@@ -40,7 +43,7 @@ def run(args: list[str], launcher: str | None = None) -> subprocess.CompletedPro
 
 def run_in_process(capsys, script: str, argv: list[str]) -> tuple[int, list[str]]:
     """A train script or a `bitnet.<tool>` main as its command line runs it: (exit code, stderr lines)."""
-    from bitnet.cli import run_main
+    from bitnet.errors import run_main
     capsys.readouterr()
     old_argv, old_path, old_cwd = sys.argv, list(sys.path), os.getcwd()
     sys.argv = [script, *argv]
@@ -231,7 +234,10 @@ def test_twin_falls_back_to_our_fp_model_and_says_so(own_sys_path):
     assert twin.twin_kind.startswith("our own fp model, not yours (with nn.Linear swapped in it no longer runs")
     from bitnet.diagnose.verdict import make_verdict
     from bitnet.plugged import stack_statement
-    v = make_verdict([], {"learns": False}, {"learns": True})
+    # decisive: the twin came 2.5 nats down from ln V, the ternary model 0.05
+    v = make_verdict([], {"learns": False, "baseline_loss": 3.5, "final_val_loss": 3.45, "after_warmup": True},
+                     {"learns": True, "baseline_loss": 3.5, "final_val_loss": 1.0, "after_warmup": True})
+    assert v["verdict"] == "BROKEN"
     line = stack_statement({"parts": {"model": "m:f"}, "twin": twin.twin_kind}, v, [{"val_loss": 3.0}], [{"val_loss": 1.0}])
     assert "your layer does not learn while our own fp model, not yours" in line
 

@@ -3,6 +3,7 @@ nn.Linear, and third-party-style layers (tests/fixtures/third_party_layers.py) w
 published BitNet code is written; exit codes, one-line errors, and SPEC loading."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,7 +13,8 @@ import torch
 
 from bitnet import check_layer
 from bitnet.bitlinear import BitLinear
-from bitnet.diagnose.bugs import BUGS
+from bitnet.bugs import BUGS
+from bitnet.diagnose.layer_probes import layer_problems, probe_layer
 
 ORIGINAL_OPS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__)
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "third_party_layers.py")
@@ -37,7 +39,7 @@ def run(capsys, *argv) -> tuple[int, dict, str]:
 
 def test_our_bitlinear_is_ok(capsys):
     code, verdict, out = run(capsys, "bitnet.bitlinear:BitLinear")
-    assert (code, verdict) == (0, {"verdict": "OK", "problems": [], "layer": "bitnet.bitlinear:BitLinear"})
+    assert (code, verdict) == (0, {"verdict": "OK", "problems": [], "deviations": [], "layer": "bitnet.bitlinear:BitLinear"})
     for check in ("weights_ternary", "activations_int8", "per_token_scale", "output_matches_recipe", "ste_gradients",
                   "bias_used", "no_state_built_in_forward"):
         assert f"\n{check} " in out
@@ -65,33 +67,99 @@ def test_transformers_autobitlinear_is_ok(capsys, no_compile):
     assert (code, verdict["problems"]) == (0, [])
 
 
+# every fixture: (the exact set of problems, the exact set of deviations)
 THIRD_PARTY = {
-    "FunctionSTELinear": [],
-    "NormedBitLinear": [],
-    "PrintingBitLinear": [],
-    "PositionalBiasLinear": [],
-    "UnusedBiasLinear": ["bias_unused"],
-    "ForwardNormLinear": ["wrong_norm_scale", "norm_in_forward"],
-    "ScaledNotRoundedLinear": ["act_not_rounded"],
-    "TensorScaleLinear": ["per_tensor_act_scale"],
-    "SignWeightLinear": ["binary_not_ternary"],
-    "InverseScaleLinear": ["wrong_weight_scale"],
-    "SignActivationLinear": ["binary_activations"],
-    "FrozenWeightLinear": ["weights_not_trainable"],
-    "IntegerNoRescaleLinear": ["missing_rescale"],
-    "RoundWithoutSTELinear": ["no_ste"],
-    "SignNormInForwardLinear": ["binary_not_ternary", "wrong_norm_scale", "bias_unused", "norm_in_forward"],
-    "SubLNBitLinear": [],
+    "FunctionSTELinear": ({}, {}),
+    "NormedBitLinear": ({}, {}),
+    "PrintingBitLinear": ({}, {}),
+    "PositionalBiasLinear": ({}, {"scales_after_matmul"}),
+    "UnusedBiasLinear": ({"bias_unused"}, {}),
+    "ForwardNormLinear": ({"wrong_norm_scale", "norm_in_forward"}, {}),
+    "ScaledNotRoundedLinear": ({"act_not_rounded"}, {}),
+    "TensorScaleLinear": ({"per_tensor_act_scale"}, {}),
+    "SignWeightLinear": ({"binary_not_ternary"}, {}),
+    "InverseScaleLinear": ({"wrong_weight_scale"}, {}),
+    "SignActivationLinear": ({"binary_activations"}, {}),
+    "FrozenWeightLinear": ({"weights_not_trainable"}, {}),
+    "IntegerNoRescaleLinear": ({"missing_rescale"}, {}),
+    "RoundWithoutSTELinear": ({"no_ste"}, {}),
+    "SignNormInForwardLinear": ({"binary_not_ternary", "wrong_norm_scale", "bias_unused", "norm_in_forward"}, {}),
+    "SubLNBitLinear": ({}, {}),
+    "TorchRMSNormBitLinear": ({}, {}),
+    "FlaStyleBitLinear": ({}, {}),
+    "FusedFlaStyleBitLinear": ({}, {}),
+    "Grid128Linear": ({}, {"act_grid_128"}),
+    "PerRowScaleLinear": ({}, {"per_row_weight_scale"}),
+    "GradScaledSTELinear": ({}, {"grad_scaled_per_tensor"}),
+    "SignNoRescaleLinear": ({"binary_not_ternary", "binary_activations", "missing_rescale"}, {}),
+    "OutputQuantNoRescaleLinear": ({"quantizes_output", "per_tensor_act_scale", "missing_rescale"}, {}),
+    "QbLayerNormLinear": ({"act_not_rounded"}, {"scales_after_matmul"}),
+    "MaxScaleWeightLinear": ({"wrong_weight_scale"}, {}),
 }
 
 
 @pytest.mark.parametrize("name", THIRD_PARTY)
 def test_third_party_style_layers_are_judged_right(capsys, name):
-    code, verdict, _ = run(capsys, f"{FIXTURES}:{name}")
-    want = THIRD_PARTY[name]
-    assert verdict["problems"] == want and code == (1 if want else 0)
+    """Every fault named, none that is not there; a harmless convention listed as a deviation
+    (with its measure) and never making BROKEN."""
+    code, verdict, out = run(capsys, f"{FIXTURES}:{name}")
+    problems, deviations = THIRD_PARTY[name]
+    assert set(verdict["problems"]) == set(problems) and len(verdict["problems"]) == len(problems)
+    assert {d["problem"] for d in verdict["deviations"]} == set(deviations)
+    assert all(d["measured"] for d in verdict["deviations"])
+    assert code == (1 if problems else 0) and verdict["verdict"] == ("BROKEN" if problems else "OK")
+    for p in problems:  # each name in the table with its severity, next to the evidence that measured it
+        assert re.search(rf"FAIL .*{p} \((fatal|harmful)\)", out)
 
 
+def trained_looking(layer, seed=3):
+    """A layer as training leaves it: its latent weight and every norm's gain and bias moved."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+            elif name.endswith("weight"):  # a norm's gain, far from 1 and uneven
+                p.copy_(0.3 + 2 * torch.rand(p.shape, generator=g, dtype=p.dtype))
+            else:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return layer
+
+
+def load_fixture(name):
+    from bitnet.spec import resolve_spec
+    return resolve_spec(f"{FIXTURES}:{name}")
+
+
+@pytest.mark.parametrize("name,kwargs", [("TorchRMSNormBitLinear", {}), ("NormedBitLinear", {}),
+                                         ("FlaStyleBitLinear", {"norm_bias": True}),
+                                         ("FusedFlaStyleBitLinear", {"norm_bias": True}), ("SubLNBitLinear", {}),
+                                         ("SubLNBitLinear", {"bias": False})])
+def test_a_trained_norm_inside_the_layer_is_part_of_the_reference(name, kwargs):
+    """The reference is the layer as it is: a norm whose gain (and bias) trained away from 1 (0)
+    is what the matmul should receive; a correct layer stays OK."""
+    layer = trained_looking(load_fixture(name)(128, 96, **kwargs).double())
+    norm = next(m for m in layer.modules() if m is not layer)
+    assert float((norm.weight.detach() - 1).abs().max()) > 0.5  # the gain really moved
+    t0 = time.perf_counter()
+    checks = probe_layer(layer)
+    assert time.perf_counter() - t0 < 5  # well under a second alone; the machine is shared
+    assert layer_problems(checks) == [] and all(c["passed"] for c in checks), \
+        [(c["name"], c["evidence"]) for c in checks if not c["passed"]]
+    assert checks[3]["evidence"]["input"].startswith("module ")  # fitted through the layer's own norm
+
+
+def test_the_unit_gain_reference_is_not_what_passes_a_trained_norm():
+    """The probe is not blind: the same layer with the norm's gain applied twice is no longer the
+    recipe through its own norm, and says so."""
+    cls = load_fixture("TorchRMSNormBitLinear")
+
+    class GainTwice(cls):
+        def forward(self, x):
+            return super().forward(x * self.norm.weight)
+
+    checks = probe_layer(trained_looking(GainTwice(128, 96).double()))
+    assert not checks[3]["passed"]
 def test_a_printing_layer_keeps_the_json_last_in_a_real_process(repo_root):
     proc = subprocess.run([sys.executable, "-m", "bitnet.check_layer", f"{FIXTURES}:PrintingBitLinear"],
                           capture_output=True, text=True, cwd=repo_root)
@@ -138,3 +206,62 @@ def test_a_user_package_called_bitnet_loads_beside_ours(tmp_path, capsys):
     assert not hasattr(bitnet, "WHOSE") and sys.modules["bitnet.bitlinear"].BitLinear is BitLinear
     assert sys.modules["_bitnet_user"].WHOSE == "theirs"
     assert (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__) == ORIGINAL_OPS  # hooks are gone
+
+
+QUANT = ("import torch\n\n"
+         "def activation_quant(x):\n    s = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)\n"
+         "    return (x * s).round().clamp(-128, 127) / s\n\n"
+         "def weight_quant(w):\n    s = 1.0 / w.abs().mean().clamp(min=1e-5)\n    return (w * s).round().clamp(-1, 1) / s\n")
+LINEAR = ("import torch.nn as nn\nimport torch.nn.functional as F\n"
+          "from {top}.quant import weight_quant\nfrom .quant import activation_quant\n\n"
+          "class BitLinear(nn.Linear):\n    def __init__(self, in_features, out_features):\n"
+          "        super().__init__(in_features, out_features, bias=False)\n\n    def forward(self, x):\n"
+          "        x_q = x + (activation_quant(x) - x).detach()\n"
+          "        return F.linear(x_q, self.weight + (weight_quant(self.weight) - self.weight).detach())\n")
+
+
+@pytest.mark.parametrize("top", ["bitnet", "their_bitnet_pkg"])
+def test_a_file_inside_a_package_loads_as_that_packages_module(tmp_path, capsys, top):
+    """their_repo/src/bitnet/linear.py importing its siblings as `bitnet.quant` and `.quant`: the
+    file form of the SPEC, the seed user's own layout, with their package called bitnet or not."""
+    pkg = tmp_path / "their_repo" / "src" / top
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "quant.py").write_text(QUANT)
+    (pkg / "linear.py").write_text(LINEAR.format(top=top))
+    src = tmp_path / "their_repo" / "src"
+    for argv in ([f"{pkg / 'linear.py'}:BitLinear", "--path", str(src)], [f"{pkg / 'linear.py'}:BitLinear"]):
+        code, verdict, _ = run(capsys, *argv)
+        assert (code, verdict["verdict"], verdict["problems"]) == (0, "OK", []), capsys.readouterr().err
+    import bitnet
+    assert sys.modules["bitnet.bitlinear"].BitLinear is BitLinear and not hasattr(bitnet, "linear")
+
+
+def test_every_layer_of_a_trained_model_with_its_own_norm_is_ok(tmp_path, capsys, repo_root, monkeypatch):
+    """Our arithmetic model built with a BitLinear that holds a registered nn.RMSNorm, trained for
+    real steps so that the gains move away from 1: every layer is judged OK afterwards."""
+    import runpy
+
+    from bitnet.diagnose.probes import float64_copy, quantized_layers
+    from bitnet.checkpoint import load_checkpoint, model_from_checkpoint
+    small = ["--preset", "arithmetic", "--set", "hidden_size=32", "--set", "intermediate_size=64",
+             "--set", "num_hidden_layers=1", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=4",
+             "--set", "compile=false", "--set", "dtype=fp32", "--quiet", "--set", "batch_size=32",
+             "--set", "max_position_embeddings=16", "--set", "warmup_steps=5", "--set", "eval_interval=40",
+             "--set", "eval_problems=20", "--set", "learning_rate=1e-2", "--no-verdict"]
+    monkeypatch.chdir(repo_root)
+    monkeypatch.setattr(sys, "argv", ["train_bitnet_arithmetic.py", "--out-dir", str(tmp_path), "--max-steps", "40",
+                                      "--linear", f"{FIXTURES}:TorchRMSNormBitLinear", *small])
+    try:
+        runpy.run_path("train_bitnet_arithmetic.py", run_name="__main__")
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr().err
+    model = model_from_checkpoint(load_checkpoint(str(tmp_path)))
+    layers = quantized_layers(model)
+    assert len(layers) == 7
+    moved = max(float((layer.norm.weight.detach() - 1).abs().max()) for _, layer in layers)
+    assert moved > 0.1, moved  # the gains trained away from 1
+    for name, layer in layers:
+        checks = probe_layer(float64_copy(layer))
+        assert layer_problems(checks) == [] and all(c["passed"] for c in checks), \
+            (name, [(c["name"], c["evidence"]) for c in checks if not c["passed"]])

@@ -5,7 +5,9 @@ SPEC is `package.module:Class` or `path/to/file.py:Class`; the layer is built as
 demands one), its latent weight set to N(0, 0.05^2) and probed on the CPU by the same layer
 probes the verdict runs on our own model (bitnet/diagnose/layer_probes.py): float64 when the
 layer runs in it, else float32. Prints one row per check with its evidence; the last line is
-JSON {"verdict": "OK"|"BROKEN", "problems": [...], "layer": SPEC}.
+JSON {"verdict": "OK"|"BROKEN", "problems": [...], "deviations": [{"problem", "measured"}], "layer": SPEC}.
+Only fatal or harmful problems (diagnose/problems.py) make BROKEN; a deviation (a harmless
+convention) is listed with its measured size and leaves the layer OK.
 Exit 0 OK, 1 BROKEN, 2 when the layer cannot be imported, built or called (one-line error).
 """
 import argparse
@@ -16,7 +18,8 @@ import time
 
 import torch
 
-from .diagnose.layer_probes import latent_weight, layer_problems, probe_layer
+from .diagnose.layer_probes import latent_weight, layer_deviations, layer_problems, probe_layer
+from .diagnose.problems import severity_of
 from .diagnose.watch import captured_stdout
 from .spec import SpecError, resolve_spec
 
@@ -78,11 +81,15 @@ def check_layer(cls, in_features: int = 128, out_features: int = 96, kwargs: dic
 
 
 def format_table(checks: list[dict]) -> str:
-    lines = [f"{'check':<26} {'result':<6} {'problem':<22} evidence"]
+    """One row per check: result, the problems it names with their severity (deviations after
+    a '~'), and its evidence."""
+    lines = [f"{'check':<26} {'result':<6} {'problems (severity)':<40} evidence"]
     for c in checks:
+        names = [f"{p} ({severity_of(p)})" for p in (c.get("problems") or [c["suspected_bug"]] if not c["passed"] else [])
+                 if p]
+        names += [f"~{d['problem']} (deviation)" for d in c.get("deviations", ())]
         ev = json.dumps(c["evidence"], default=lambda v: round(v, 6) if isinstance(v, float) else str(v))
-        lines.append(f"{c['name']:<26} {'pass' if c['passed'] else 'FAIL':<6} {c['suspected_bug'] or '-':<22} "
-                     f"{ev[:300]}")
+        lines.append(f"{c['name']:<26} {'pass' if c['passed'] else 'FAIL':<6} {', '.join(names) or '-':<40} {ev[:300]}")
     return "\n".join(lines)
 
 
@@ -114,6 +121,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     problems = layer_problems(checks)
+    deviations = layer_deviations(checks)
     unnamed = [c["name"] for c in checks if not c["passed"] and not c["suspected_bug"]]
     verdict = "BROKEN" if problems or unnamed else "OK"
     print(f"layer {args.spec}: {args.in_features} -> {args.out_features}, {dtype}, "
@@ -124,7 +132,10 @@ def main(argv=None) -> int:
         print(f"the layer printed {printed} line(s) while probed (not shown)")
     if unnamed:
         print("failed without a named problem: " + ", ".join(unnamed))
-    print(json.dumps({"verdict": verdict, "problems": problems, "layer": args.spec}))
+    if deviations:
+        print("deviations from the recipe (harmless, not bugs): " + "; ".join(
+            f"{d['problem']} {json.dumps(d['measured'])}" for d in deviations))
+    print(json.dumps({"verdict": verdict, "problems": problems, "deviations": deviations, "layer": args.spec}))
     return 0 if verdict == "OK" else 1
 
 

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .taskkit import TextCodec, unigram_loss, words_of
-from .trainer import atomic_path
+from .rundir import atomic_path
+from .taskkit import TextCodec, unigram_loss
+from .words import words_of
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"

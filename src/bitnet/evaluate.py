@@ -16,9 +16,9 @@ from collections import defaultdict
 
 import torch
 
-from .cli import run_main
 from .arithmetic_codec import parse_problem
 from .data_tinystories import read_text_file, text_metrics
+from .errors import run_main
 from .generate import KERNEL_CHOICES, load_for_inference, runs_at
 
 SHOW_WRONG = 3  # wrong answers printed per operator

@@ -10,10 +10,11 @@ import os
 
 import torch
 
-from .cli import run_main
+from .checkpoint import model_from_checkpoint
+from .errors import run_main
 from .export import load_any_checkpoint, packed_model_from_checkpoint
+from .rundir import find_runs
 from .tasks import codec_for
-from .trainer import find_runs, model_from_checkpoint
 
 
 KERNEL_CHOICES = ("auto", "latent", "unpack", "int8")

@@ -4,12 +4,18 @@ One place for every flag that takes someone else's code (check_layer, and the tr
 --linear/--model/--optimizer through bitnet.plugged). Each --path folder goes first on sys.path, so a stub folder
 can stand in for a package that is not installed.
 
+A file inside a package (its folder, and each one up to a --path folder, holds __init__.py) is
+imported as that package's module, so its relative (`from .quant import`) and absolute
+(`from mypkg.quant import`) imports work; the folder above the package goes on sys.path.
+
 Two things must not clash with this repo's own `bitnet` package:
-  - a file spec is loaded under a private module name (`_bitnet_user_file_<stem>_<hash>`), so a
-    file called bitnet.py, model.py or check_layer.py is not confused with an import of ours;
+  - a file spec outside a package is loaded under a private module name
+    (`_bitnet_user_file_<stem>_<hash>`), so a file called bitnet.py, model.py or check_layer.py
+    is not confused with an import of ours;
   - a `bitnet.x:Name` spec whose `bitnet` lives in a --path folder (several real BitNet stacks
     call their package that) is imported with our `bitnet` modules stepped aside, then its
-    modules are kept under the alias `_bitnet_user.*` and ours are put back.
+    modules are kept under the alias `_bitnet_user.*` and ours are put back. A file inside such
+    a package (their_repo/src/bitnet/linear.py) is imported the same way.
 """
 import hashlib
 import importlib
@@ -63,6 +69,36 @@ def load_file(path: str):
     return module
 
 
+def package_module(path: str, paths) -> tuple[str, str] | None:
+    """(dotted module name, the folder above its top package) for a file inside a package: each
+    folder from the file's up holds __init__.py, up to (not including) a --path folder."""
+    folder, parts = os.path.dirname(os.path.abspath(path)), [os.path.splitext(os.path.basename(path))[0]]
+    stops = {os.path.abspath(p) for p in paths or ()}
+    while folder not in stops and os.path.isfile(os.path.join(folder, "__init__.py")):
+        parts.insert(0, os.path.basename(folder))
+        folder = os.path.dirname(folder)
+    if len(parts) == 1 or not all(p.isidentifier() for p in parts):
+        return None
+    return ".".join(parts), folder
+
+
+def from_folder(module, folder: str) -> bool:
+    return os.path.abspath(getattr(module, "__file__", None) or "").startswith(folder + os.sep)
+
+
+def load_package_file(path: str, paths):
+    """Import a file that sits in a package as that package's module (None: load it alone)."""
+    found = package_module(path, paths)
+    if found is None:
+        return None
+    dotted, root = found
+    top = dotted.split(".")[0]
+    if top != __package__ and top in sys.modules and not from_folder(sys.modules[top], root):
+        return None  # another package of that name is already imported: load the file alone
+    add_paths([root, os.path.dirname(os.path.abspath(path))])  # its siblings stay importable by bare name too
+    return import_beside_ours(dotted, top, root) if top == __package__ else importlib.import_module(dotted)
+
+
 def shadows_our_package(top: str, paths) -> bool:
     """Does a --path folder hold a package or module named `top` (e.g. the user's own bitnet)?"""
     return any(os.path.isfile(os.path.join(p, top, "__init__.py")) or os.path.isfile(os.path.join(p, top + ".py"))
@@ -74,16 +110,13 @@ def import_beside_ours(module_name: str, top: str, folder: str = ""):
     def owned(name):
         return name == top or name.startswith(top + ".")
 
-    def from_folder(module):
-        return bool(folder) and os.path.abspath(getattr(module, "__file__", None) or "").startswith(folder + os.sep)
-
     ours = {k: v for k, v in sys.modules.items() if owned(k)}
     for k in ours:
         del sys.modules[k]
     # the user's modules imported before from this folder come back under their own names, so that
     # --model, --linear and --optimizer from one package share its classes instead of re-importing it
     for k, v in list(sys.modules.items()):
-        if (k == USER_ALIAS or k.startswith(USER_ALIAS + ".")) and from_folder(v):
+        if (k == USER_ALIAS or k.startswith(USER_ALIAS + ".")) and folder and from_folder(v, folder):
             sys.modules[top + k[len(USER_ALIAS):]] = v
     try:
         module = importlib.import_module(module_name)
@@ -100,7 +133,9 @@ def resolve_spec(spec: str, paths=()):
     add_paths(paths)
     try:
         if target.endswith(".py") or os.sep in target:
-            module = load_file(target)
+            if not os.path.isfile(target):
+                raise SpecError(f"no file {os.path.abspath(target)!r}; give an existing path/to/file.py:Name")
+            module = load_package_file(target, paths) or load_file(target)
         else:
             top = target.split(".")[0]
             if top == __package__ and shadows_our_package(top, paths):

@@ -1,19 +1,9 @@
 """What every task builds on, with no imports from this package: the codec of a text
-tokenizer (TinyStories, FineWeb-Edu, a transformers folder made elsewhere), the unigram
-baseline a model must beat, and the split of a text into words that the diagnosis shares.
-The contract itself, and the registry, are in tasks.py."""
+tokenizer (TinyStories, FineWeb-Edu, a transformers folder made elsewhere) and the unigram
+baseline a model must beat. The contract itself, and the registry, are in tasks.py."""
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
-
-WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
-
-
-def words_of(text: str) -> list[str]:
-    """Lower-case words (letters and inner apostrophes); numbers and punctuation are dropped.
-    A task's known words and the diagnosis' reading of samples (diagnose.detectors) share it."""
-    return WORD_RE.findall(text.lower())
 
 
 def unigram_loss(get_batch, n_batches: int = 20, batch_size: int = 32) -> float:

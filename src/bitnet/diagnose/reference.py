@@ -7,11 +7,27 @@ the error measures and the grid test the layer probes share.
 import torch
 import torch.nn.functional as F
 
+from .problems import SEVERITY_ORDER, is_deviation, severity_of
+
 
 def result(name: str, passed: bool, evidence: dict, suspected_bug: str | None = None) -> dict:
     """The one shape every probe and detector returns (`suspected_bug`: a problem name)."""
     return {"name": name, "passed": bool(passed), "evidence": evidence,
             "suspected_bug": None if passed else suspected_bug}
+
+
+def named(name: str, evidence: dict, problems=(), deviations=()) -> dict:
+    """A result that names several problems at once: it fails when one of them is fatal or
+    harmful; `suspected_bug` is the worst, `problems` all of them (worst first), `severity` the
+    worst one's; deviations (harmless conventions, {"problem", "measured"}) never fail it."""
+    problems = sorted(dict.fromkeys(p for p in problems if not is_deviation(p)),
+                      key=lambda p: SEVERITY_ORDER[severity_of(p)])
+    out = result(name, not problems, evidence, problems[0] if problems else None)
+    if problems:
+        out.update(problems=problems, severity=severity_of(problems[0]))
+    if deviations:
+        out["deviations"] = list(deviations)
+    return out
 
 
 def reference_weight_quant(w: torch.Tensor) -> torch.Tensor:
@@ -29,6 +45,13 @@ def reference_weight_quant_per_row(w: torch.Tensor) -> torch.Tensor:
 def reference_activation_quant(x: torch.Tensor) -> torch.Tensor:
     """Per-token (last dim) 8-bit absmax quantization, dequantized."""
     scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return (x * scale).round().clamp(-128, 127) / scale
+
+
+def activation_quant_128(x: torch.Tensor) -> torch.Tensor:
+    """The 128-grid convention: s = 128/max|x|, clamp to [-128, 127] (the largest positive value
+    clips by one level). A deviation, not a bug."""
+    scale = 128.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
     return (x * scale).round().clamp(-128, 127) / scale
 
 
@@ -76,12 +99,14 @@ def on_int8_grid(a: torch.Tensor) -> str | None:
     if rows.numel() == 0:
         return None
 
-    def integral(k):
-        return bool(((k - k.round()).abs() <= 1e-3).all()) and float(k.abs().max()) <= 128.5
+    def integral(k):  # per row
+        return ((k - k.round()).abs() <= 1e-3).all(-1) & (k.abs().amax(-1) <= 128.5)
 
-    for level in (127.0, 128.0):
-        if integral(rows * level / rows.abs().amax(-1, keepdim=True)):
-            return "per_token"
-        if integral(rows * level / rows.abs().max()):
-            return "per_tensor"
-    return "integer" if integral(rows) else None
+    def on_levels(scale):  # each row's largest value at level 127 or at 128 (a 128 grid clips +128 to 127)
+        return bool((integral(rows * 127.0 / scale) | integral(rows * 128.0 / scale)).all())
+
+    if on_levels(rows.abs().amax(-1, keepdim=True)):
+        return "per_token"
+    if on_levels(rows.abs().max()):
+        return "per_tensor"
+    return "integer" if bool(integral(rows).all()) else None
