@@ -89,7 +89,7 @@ def test_generate_and_evaluate_read_the_runs_checkpoints(step3, tmp_path):
 def test_export_loads_in_transformers_and_matches_our_model(step3, tmp_path, no_compile):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers loads BitNet quantization configs only with accelerate")
-    from bitnet.trainer import load_checkpoint, model_from_checkpoint
+    from bitnet.checkpoint import load_checkpoint, model_from_checkpoint
     _, _, out, _ = step3
     ex = run(["-m", "bitnet.export", "--checkpoint", str(out / "ternary"), "--out", str(tmp_path / "hf")])
     assert ex.returncode == 0, ex.stderr
