@@ -27,9 +27,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data_tinystories import (EOT, TinyStoriesTask, check_vocab, hub_offline, load_tokenizer,
-                               token_byte_lengths)
+from .data_tinystories import TinyStoriesTask, hub_offline
 from .taskkit import unigram_loss
+from .text_tokenizer import EOT, check_vocab, load_tokenizer, token_byte_lengths
 
 HUB_DATASET, HUB_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 LOCAL_HELP = ("give local jsonl or parquet files with a 'text' field with --data-files FILE [FILE ...] "
