@@ -95,6 +95,8 @@ THIRD_PARTY = {
     "OutputQuantNoRescaleLinear": ({"quantizes_output", "per_tensor_act_scale", "missing_rescale"}, {}),
     "QbLayerNormLinear": ({"act_not_rounded"}, {"scales_after_matmul"}),
     "MaxScaleWeightLinear": ({"wrong_weight_scale"}, {}),
+    "QuantizerModuleLinear": ({}, {}),
+    "ModuleQuantizersLinear": ({"missing_rescale"}, {}),
 }
 
 

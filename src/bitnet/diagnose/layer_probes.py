@@ -202,9 +202,11 @@ def own_input_modules(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -
             continue
         if not torch.is_tensor(u) or u.shape != x.shape or not u.is_floating_point() or not torch.isfinite(u).all():
             continue
-        rows = u.reshape(-1, u.shape[-1])
-        if on_int8_grid(u) is not None or max(len(r.unique()) for r in rows) <= 3:
-            continue
+        rows = u.reshape(-1, u.shape[-1]).double()
+        levels = rows.abs().amax(-1)
+        if (on_int8_grid(u) is not None or max(len(r.unique()) for r in rows) <= 3
+                or bool(((levels - 127).abs() <= 1e-3).logical_or((levels - 128).abs() <= 1e-3).all())):
+            continue  # part of a quantizer: on a grid, or scaled to the int8 range
         if typical_error(u, x) < 1e-9 or any(typical_error(u, v) < 1e-9 for v in outputs):
             continue
         found[f"module {name}"] = module
