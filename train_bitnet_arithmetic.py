@@ -9,8 +9,11 @@ import os
 
 import torch
 
-from bitnet.cli import build_config, choose_preset, common_parser, dry_run, run_experiment, run_main, set_threads
+from bitnet.cli import build_config, choose_preset, common_parser, dry_run, set_threads
 from bitnet.data_arithmetic import ArithmeticTask
+from bitnet.diagnose.rules import conclude
+from bitnet.errors import run_main
+from bitnet.experiment import run_experiment
 
 
 def main():
@@ -43,7 +46,7 @@ def main():
         print(f"our bar (>= 99% on every operator, in-distribution and held-out): "
               + ("reached" if s["bar"] else "not reached: " + ", ".join(s["bar_short"])))
 
-    run_experiment(args, cfg, task, os.path.abspath(__file__), summarize, report, conclude=task.conclude)
+    run_experiment(args, cfg, task, os.path.abspath(__file__), summarize, report, conclude=lambda summaries, verdict: conclude(summaries, verdict, task.thresholds))
 
 
 if __name__ == "__main__":

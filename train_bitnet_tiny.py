@@ -12,8 +12,10 @@ same command under `torchrun --standalone --nproc_per_node N` (see bitnet/distri
 import os
 
 from bitnet import data_fineweb
-from bitnet.cli import build_config, choose_preset, common_parser, dry_run, run_experiment, run_main, set_threads
+from bitnet.cli import build_config, choose_preset, common_parser, dry_run, set_threads
 from bitnet.data_tinystories import TinyStoriesTask, add_data_args, sources_from_args
+from bitnet.errors import run_main
+from bitnet.experiment import run_experiment
 
 
 def main():

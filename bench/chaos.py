@@ -5,12 +5,12 @@
 
 A tiny arithmetic job (1 thread, dropout on, so the RNG state matters) is trained twice with the
 same seed: once without interruption, once SIGKILLed `--kills` times and resumed with --resume
-after each kill. Every other kill is aimed at a checkpoint write: the writer's test-only delay
-(BITNET_TEST_SAVE_DELAY_S, see trainer.save_checkpoint) holds the temporary file open long enough
-to land a kill before the rename. Asserted, and printed as one JSON line at the end:
+after each kill. Every other kill is aimed at a checkpoint write: the killed job runs under
+bench/slow_saves.py, which patches a pause into the checkpoint writer from outside the library
+(between the written temporary file and its rename), long enough to land a kill there. Asserted, and printed as one JSON line at the end:
   - after every kill, ckpt.pt and ckpt.prev.pt load (no checkpoint is ever corrupt);
   - no kill loses more than one checkpoint interval of training, plus the save under way when it
-    landed (with the test delay) and `slack_s` (1.5 s: the step, or the evaluation, that may run
+    landed (with its patched-in delay) and `slack_s` (1.5 s: the step, or the evaluation, that may run
     between the interval's end and that save on a loaded 2-core machine);
   - the final weights, optimizer state, RNG states, history, metrics.jsonl and summary (timing
     fields aside) are bit-identical to the uninterrupted run's.
@@ -30,7 +30,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "src"))
-from bitnet.trainer import CKPT_NAME, METRICS_NAME, PREV_CKPT_NAME, SAVE_DELAY_ENV, load_checkpoint  # noqa: E402
+from bitnet.checkpoint import load_checkpoint  # noqa: E402
+from bitnet.rundir import CKPT_NAME, METRICS_NAME, PREV_CKPT_NAME  # noqa: E402
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
 JOB = ["--preset", "arithmetic", "--device", "cpu", "--threads", "1", "--no-verdict",
@@ -41,8 +42,11 @@ JOB = ["--preset", "arithmetic", "--device", "cpu", "--threads", "1", "--no-verd
        "--set", "warmup_steps=20", "--set", "eval_problems=20", "--set", "dropout=0.1"]
 
 
-def job_cmd(out_dir: str, steps: int, interval_s: float, eval_interval: int, resume: bool) -> list[str]:
-    return [sys.executable, os.path.join(REPO, "train_bitnet_arithmetic.py"), "--out-dir", out_dir, *JOB,
+def job_cmd(out_dir: str, steps: int, interval_s: float, eval_interval: int, resume: bool,
+            save_delay_s: float = 0.0) -> list[str]:
+    """The job; with `save_delay_s`, under bench/slow_saves.py (a pause before each checkpoint's rename)."""
+    runner = [os.path.join(REPO, "bench", "slow_saves.py"), str(save_delay_s)] if save_delay_s else []
+    return [sys.executable, *runner, os.path.join(REPO, "train_bitnet_arithmetic.py"), "--out-dir", out_dir, *JOB,
             "--max-steps", str(steps), "--set", f"eval_interval={eval_interval}",
             "--set", f"checkpoint_interval_s={interval_s}"] + (["--resume"] if resume else [])
 
@@ -116,12 +120,11 @@ def run_chaos(kills: int = 20, steps: int = 600, interval_s: float = 1.0, save_d
     ref_s = time.time() - t_begin
     log(f"uninterrupted run: {steps} steps in {ref_s:.1f} s")
 
-    env_chaos = {**env, SAVE_DELAY_ENV: str(save_delay_s)}
     ckpt_path = os.path.join(chaos_dir, CKPT_NAME)
     records = []
     for k in range(kills):
-        proc, ready, times = start(job_cmd(chaos_dir, steps, interval_s, eval_interval, os.path.exists(ckpt_path)),
-                                   env_chaos, stderr_log)
+        proc, ready, times = start(job_cmd(chaos_dir, steps, interval_s, eval_interval, os.path.exists(ckpt_path),
+                                           save_delay_s), env, stderr_log)
         ready.wait(120)
         t_ready = time.time()
         aimed = k % 2 == 0  # every other kill is aimed at a checkpoint write: this segment's first or second
@@ -146,7 +149,7 @@ def run_chaos(kills: int = 20, steps: int = 600, interval_s: float = 1.0, save_d
         prev = os.path.join(chaos_dir, PREV_CKPT_NAME)
         prev_step = load_checkpoint(prev)["step"] if os.path.exists(prev) else None
         t_train = times.get("train", t_ready)
-        # the checkpoint's mtime is the end of its write; the test delay comes before its rename
+        # the checkpoint's mtime is the end of its write; the patched-in delay comes before its rename
         last_save = max(os.path.getmtime(ckpt_path) + save_delay_s, t_train) if os.path.exists(ckpt_path) else t_train
         lost_s = t_kill - last_save  # training since the last completed save (or since this segment began)
         lost_steps = max(0, last_logged_step(chaos_dir) - step)  # at least this many steps are redone
@@ -183,7 +186,8 @@ def main():
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--eval-interval", type=int, default=100, help="the job's eval_interval (each also checkpoints)")
     p.add_argument("--interval", type=float, default=1.0, help="checkpoint_interval_s of the job")
-    p.add_argument("--save-delay", type=float, default=0.25, help="the writer's test-only delay, seconds")
+    p.add_argument("--save-delay", type=float, default=0.25,
+                   help="seconds the killed job's checkpoint writer pauses before each rename (bench/slow_saves.py)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--work-dir", help="where both runs go (default: a new temporary folder)")
     args = p.parse_args()

@@ -31,7 +31,7 @@ def main():
     torch.set_num_threads(1)
     from bitnet.config_tiny import BitNetConfigArithmeticCPU
     from bitnet.data_arithmetic import ArithmeticTask
-    from bitnet.trainer import autocast_for, build_model, make_optimizer
+    from bitnet.build import autocast_for, build_model, make_optimizer
 
     cfg = replace(BitNetConfigArithmeticCPU(), quant=args.quant, dtype=args.dtype)
     task, dev = ArithmeticTask(cfg), torch.device("cpu")

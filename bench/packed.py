@@ -93,7 +93,7 @@ def make_synthetic_run(shape: str, run_dir: str) -> str:
     from bitnet.config_tiny import PRESETS, BitNetConfigArithmetic
     from bitnet.data_arithmetic import CharTokenizer
     from bitnet.model import BitNetForCausalLM
-    from bitnet.trainer import save_checkpoint
+    from bitnet.checkpoint import save_checkpoint
     p = PRESETS[shape]()
     cfg = BitNetConfigArithmetic(hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
                                  num_hidden_layers=p.num_hidden_layers, num_attention_heads=p.num_attention_heads,
@@ -111,7 +111,8 @@ def make_synthetic_run(shape: str, run_dir: str) -> str:
 def prepare(checkpoint: str | None, shape: str | None, out: str) -> dict:
     """The exports and their sizes (run in a subprocess of its own, like the measurements)."""
     from bitnet.export import WEIGHTS, export
-    from bitnet.trainer import CKPT_NAME, load_checkpoint, model_from_checkpoint
+    from bitnet.checkpoint import load_checkpoint, model_from_checkpoint
+    from bitnet.rundir import CKPT_NAME
     run = checkpoint or make_synthetic_run(shape, os.path.join(out, "run"))
     folders = {"run": run, "online": export(run, os.path.join(out, "online")),
                "packed": export(run, os.path.join(out, "packed"), packed=True)}

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 from bitnet.config_tiny import PRESETS  # noqa: E402
 from bitnet.model import BitNetForCausalLM  # noqa: E402
-from bitnet.trainer import autocast_for, make_optimizer  # noqa: E402
+from bitnet.build import autocast_for, make_optimizer  # noqa: E402
 
 
 def time_steps(cfg, steps: int, device) -> float:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from bitnet.bitlinear import BitLinear, activation_quant, default_linear_cls, weight_quant
 from bitnet.diagnose import effective_weight
-from bitnet.diagnose.bugs import BUGS
+from bitnet.bugs import BUGS
 
 
 def make_layer(in_features: int, out_features: int, bug: str | None = None) -> BitLinear:

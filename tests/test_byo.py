@@ -14,7 +14,10 @@ import torch
 import torch.nn as nn
 
 from bitnet.config_tiny import BitNetConfigArithmetic
-from bitnet.trainer import TrainingError, apply_schedule, build_model, load_checkpoint, make_optimizer, model_from_checkpoint
+from bitnet.build import build_model, make_optimizer
+from bitnet.checkpoint import load_checkpoint, model_from_checkpoint
+from bitnet.errors import TrainingError
+from bitnet.schedule import apply_schedule
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
@@ -40,7 +43,7 @@ def run(args: list[str], launcher: str | None = None) -> subprocess.CompletedPro
 
 def run_in_process(capsys, script: str, argv: list[str]) -> tuple[int, list[str]]:
     """A train script or a `bitnet.<tool>` main as its command line runs it: (exit code, stderr lines)."""
-    from bitnet.cli import run_main
+    from bitnet.errors import run_main
     capsys.readouterr()
     old_argv, old_path, old_cwd = sys.argv, list(sys.path), os.getcwd()
     sys.argv = [script, *argv]

@@ -13,7 +13,7 @@ import torch
 
 from bitnet import check_layer
 from bitnet.bitlinear import BitLinear
-from bitnet.diagnose.bugs import BUGS
+from bitnet.bugs import BUGS
 from bitnet.diagnose.layer_probes import layer_problems, probe_layer
 
 ORIGINAL_OPS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__)
@@ -245,7 +245,7 @@ def test_every_layer_of_a_trained_model_with_its_own_norm_is_ok(tmp_path, capsys
     import runpy
 
     from bitnet.diagnose.probes import float64_copy, quantized_layers
-    from bitnet.trainer import load_checkpoint, model_from_checkpoint
+    from bitnet.checkpoint import load_checkpoint, model_from_checkpoint
     small = ["--preset", "arithmetic", "--set", "hidden_size=32", "--set", "intermediate_size=64",
              "--set", "num_hidden_layers=1", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=4",
              "--set", "compile=false", "--set", "dtype=fp32", "--quiet", "--set", "batch_size=32",

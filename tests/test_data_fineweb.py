@@ -12,7 +12,8 @@ import torch
 from bitnet.config_tiny import BitNetConfigTiny
 from bitnet.data_fineweb import DocSource, FineWebTask, TokenStream
 from bitnet.data_tinystories import save_tokenizer, train_bpe
-from bitnet.trainer import load_checkpoint, train
+from bitnet.checkpoint import load_checkpoint
+from bitnet.trainer import train
 from conftest import assert_dicts_close
 
 WORDS = ("the cell energy light plant water history river empire trade function number proof "

@@ -15,7 +15,9 @@ from bitnet.config_tiny import BitNetConfigArithmetic
 from bitnet.data_arithmetic import CHARS, ArithmeticTask, CharTokenizer
 from bitnet.model import BitNetForCausalLM
 from bitnet.packing import PackedBitLinear, latent_from_ternary, pack_model, pack_ternary, unpack_ternary
-from bitnet.trainer import TrainingError, save_checkpoint, train
+from bitnet.checkpoint import save_checkpoint
+from bitnet.errors import TrainingError
+from bitnet.trainer import train
 from test_model import random_ids, randomize
 
 TOK = CharTokenizer()
@@ -283,7 +285,7 @@ def test_cli_export_then_generate_evaluate_on_the_folder(hf, plus_run, tmp_path,
     """In-process through cli.run_main, as `python -m bitnet.X` runs them (a subprocess each would
     spend most of its time importing transformers)."""
     from bitnet import evaluate, generate
-    from bitnet.cli import run_main
+    from bitnet.errors import run_main
     out = tmp_path / "hf"
 
     def run(module, *args):

@@ -6,7 +6,7 @@ import torch
 
 from bitnet.bitlinear import BitLinear
 from bitnet.model import BitNetForCausalLM, BitNetRMSNorm
-from bitnet.trainer import build_model
+from bitnet.build import build_model
 
 
 def gen(seed: int) -> torch.Generator:

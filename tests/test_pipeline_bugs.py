@@ -12,10 +12,11 @@ from bitnet import diagnose
 from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic
 from bitnet.data_arithmetic import ArithmeticTask
 from bitnet.diagnose import detectors as det
-from bitnet.diagnose.bugs import ALL_BUGS, BUGS, PIPELINE_BUGS, wrap_task
-from bitnet.diagnose.health import TrainingSignals, describe_optimizer
+from bitnet.bugs import ALL_BUGS, BUGS, PIPELINE_BUGS, wrap_task
+from bitnet.train_signals import TrainingSignals, describe_optimizer
 from bitnet.diagnose.probes import probe_all_parameters_trained, probe_causal_attention
-from bitnet.trainer import build_model, make_optimizer, train
+from bitnet.build import build_model, make_optimizer
+from bitnet.trainer import train
 
 torch.set_num_threads(1)
 LN32 = math.log(32)
@@ -236,6 +237,7 @@ def test_a_named_pipeline_fault_is_broken_with_part_evidence_and_fix():
     (fault,) = v["faults"]
     assert fault["part"] == "optimizer" and "AdamW" in fault["fix"] and "fell" in fault["evidence"]
     assert "optimizer: coupled_weight_decay: Adam with weight_decay=0.1" in diagnose.format_verdict(v)
+    assert fault["severity"] == "fatal" and "[fatal]" in diagnose.format_verdict(v)
 
 
 def test_old_bugs_get_their_part_and_a_missing_mask_explains_the_format_gap():

@@ -10,7 +10,10 @@ import torch
 from bitnet.config_tiny import PRESETS
 from bitnet.data_arithmetic import ArithmeticTask
 from bitnet.model import BitNetForCausalLM
-from bitnet.trainer import TrainingError, autocast_for, load_checkpoint, pick_device, train
+from bitnet.build import autocast_for, pick_device
+from bitnet.checkpoint import load_checkpoint
+from bitnet.errors import TrainingError
+from bitnet.trainer import train
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                     "shared", "data", "tinystories")

@@ -26,7 +26,7 @@ TINY_ARITH = ["--device", "cpu", "--quiet", "--threads", "1", "--preset", "arith
 
 def run_tool(capsys, tool: str, argv: list[str]) -> tuple[int, list[str]]:
     """Run a script path or a bitnet module's main() as its command line would; (exit code, stderr lines)."""
-    from bitnet.cli import run_main
+    from bitnet.errors import run_main
 
     capsys.readouterr()
     old_argv = sys.argv
@@ -139,7 +139,7 @@ def test_truncated_checkpoint_names_the_previous_one_and_resume_from_it_works(ca
     # asked to, it continues from the previous checkpoint (step 4) and ends where the run ended
     code, lines = run_tool(capsys, ARITH, [*argv, "--resume-from-previous"])
     assert code == 0, lines
-    from bitnet.trainer import load_checkpoint
+    from bitnet.checkpoint import load_checkpoint
     assert load_checkpoint(out)["step"] == 8 and load_checkpoint(os.path.join(out, "ckpt.prev.pt"))["step"] == 4
 
 
@@ -233,7 +233,7 @@ def test_non_finite_loss_exits_3_and_keeps_the_last_good_checkpoint(capsys, tmp_
                                       "--set", "operators=*", *TINY_ARITH])
     assert_refused(result, "loss became nan at step 6", "stopped before the update",
                    f"last good checkpoint kept: {os.path.join(out, 'ckpt.pt')}", "learning_rate", code=3)
-    from bitnet.trainer import load_checkpoint
+    from bitnet.checkpoint import load_checkpoint
     ckpt = load_checkpoint(out)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -364,7 +364,7 @@ def test_a_malicious_checkpoint_is_refused_and_never_runs(capsys, tmp_path, run_
 
 # ---------------------------------------------------------------- one writer per OUT_DIR
 def test_a_second_run_on_an_out_dir_in_use_is_refused(capsys, run_dir):
-    from bitnet.trainer import out_dir_lock
+    from bitnet.rundir import out_dir_lock
 
     out, before = run_dir
     with out_dir_lock(out):  # another run holds it (a second open file holds its own flock)
@@ -397,7 +397,7 @@ def test_sigterm_and_sigint_save_and_exit_cleanly(capsys, tmp_path, monkeypatch,
     import signal
 
     from bitnet.data_arithmetic import ArithmeticTask
-    from bitnet.trainer import load_checkpoint
+    from bitnet.checkpoint import load_checkpoint
 
     real = ArithmeticTask.get_batch
 
@@ -428,7 +428,8 @@ def test_resume_between_evaluations_is_bit_identical(arith_cfg, tmp_path):
     the resumed run ends bit for bit where the uninterrupted one does, summary numbers included."""
     from bitnet.data_arithmetic import ArithmeticTask
     from bitnet.diagnose import QuantHealthTracker
-    from bitnet.trainer import load_checkpoint, train
+    from bitnet.checkpoint import load_checkpoint
+    from bitnet.trainer import train
 
     class Crash(Exception):
         pass

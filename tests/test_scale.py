@@ -14,7 +14,8 @@ from bitnet import distributed, plan
 from bitnet.config_tiny import PRESETS, BitNetConfigArithmetic, BitNetConfigTiny
 from bitnet.data_arithmetic import ArithmeticTask
 from bitnet.model import BitNetForCausalLM
-from bitnet.trainer import load_checkpoint, train
+from bitnet.checkpoint import load_checkpoint
+from bitnet.trainer import train
 from conftest import assert_dicts_close
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s", "mfu")
@@ -171,7 +172,7 @@ import ctypes, json, sys
 import torch
 from bitnet.config_tiny import PRESETS
 from bitnet.model import BitNetForCausalLM
-from bitnet.trainer import autocast_for, make_optimizer
+from bitnet.build import autocast_for, make_optimizer
 
 torch.set_num_threads(1)
 ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD 64 KiB: a freed tensor goes back to the OS

@@ -150,7 +150,7 @@ def test_injected_bug_ends_broken_naming_it(tmp_path):
                 "per_tensor_act", "--set", "eval_interval=20", *TINY_ARITH])
     assert proc.returncode == 0, proc.stderr[-2000:]
     verdict = json.loads((out / "verdict.json").read_text())
-    from bitnet.diagnose.bugs import get_bug
+    from bitnet.bugs import get_bug
     # the verdict names the fault as the probes call it (README, "Check your own layer")
     assert verdict["verdict"] == "BROKEN" and verdict["suspected_bugs"] == [get_bug("per_tensor_act").problem]
     assert get_bug("per_tensor_act").problem == "per_tensor_act_scale"
@@ -159,7 +159,7 @@ def test_injected_bug_ends_broken_naming_it(tmp_path):
 
 def test_preset_is_chosen_by_device_unless_given():
     from bitnet.cli import choose_preset, common_parser
-    from bitnet.trainer import TrainingError
+    from bitnet.errors import TrainingError
 
     p = common_parser("t", gpu_preset="tiny", cpu_preset="tiny-cpu")
     given = p.parse_args(["--out-dir", "x", "--preset", "small"])

@@ -12,8 +12,11 @@ import torch
 from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic, BitNetConfigTiny
 from bitnet.data_arithmetic import ArithmeticTask, CharTokenizer
 from conftest import assert_dicts_close
-from bitnet.trainer import (NonFiniteLoss, TrainingError, load_checkpoint, lr_and_wd, model_from_checkpoint,
-                            pick_device, save_checkpoint, train)
+from bitnet.build import pick_device
+from bitnet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from bitnet.errors import NonFiniteLoss, TrainingError
+from bitnet.schedule import lr_and_wd
+from bitnet.trainer import train
 
 TOK = CharTokenizer()
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
@@ -349,11 +352,11 @@ class FakeClock:
 
 
 def test_time_budget_plans_steps_from_the_measured_speed(arith_cfg, monkeypatch):
-    import bitnet.trainer as trainer
+    import bitnet.schedule as schedule
     cfg = arith_cfg(time_budget_s=100.0, warmup_steps=10, eval_interval=50, max_steps=7, learning_rate=1e-2)
     clock = FakeClock(0.0)
-    monkeypatch.setattr(trainer, "time", clock)
-    budget = trainer.TimeBudget(cfg, start_step=0)
+    monkeypatch.setattr(schedule, "time", clock)
+    budget = schedule.TimeBudget(cfg, start_step=0)
     budget.note_eval(2.0)
     for step in range(1, 20):
         clock.now += 0.1 if step > 5 else 5.0  # slow first steps (compile), then 0.1 s a step
@@ -400,12 +403,12 @@ def test_time_budget_plans_steps_from_the_measured_speed(arith_cfg, monkeypatch)
 def test_time_budget_replan_keeps_a_restart_schedule_in_its_cycle(arith_cfg, monkeypatch):
     """A re-plan that would move a run out of its restart cycle (its rate back to a peak, or down
     to the floor) is not taken."""
-    import bitnet.trainer as trainer
+    import bitnet.schedule as schedule
     cfg = arith_cfg(time_budget_s=1000.0, warmup_steps=10, eval_interval=50, max_steps=4500,
                     restart_steps=2900, restart_lr_ratio=0.3, learning_rate=1e-2)
     clock = FakeClock(0.0)
-    monkeypatch.setattr(trainer, "time", clock)
-    budget = trainer.TimeBudget(cfg, start_step=3000)
+    monkeypatch.setattr(schedule, "time", clock)
+    budget = schedule.TimeBudget(cfg, start_step=3000)
     budget.first_plan = 3000  # as if planned before: every evaluation from here re-plans
     clock.now += 1.0
     budget.after_step(cfg, 3005, 3000)
@@ -419,7 +422,7 @@ def test_time_budget_replan_keeps_a_restart_schedule_in_its_cycle(arith_cfg, mon
 
 
 def test_time_budget_off_leaves_max_steps(arith_cfg):
-    from bitnet.trainer import TimeBudget
+    from bitnet.schedule import TimeBudget
     cfg = arith_cfg(max_steps=30)
     budget = TimeBudget(cfg, 0)
     assert all(budget.after_step(cfg, s, 0) is cfg for s in range(1, 40)) and not budget.over()

@@ -1,7 +1,6 @@
-"""Command-line plumbing shared by the train scripts: common flags, config building,
-one-line errors, and thread settings."""
+"""The train scripts' flags and how they become a config: common_parser() -> choose_preset() ->
+build_config() (checked by check_config), and --dry-run. Running it is experiment.py's job."""
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -9,12 +8,13 @@ from dataclasses import replace
 
 import torch
 
-from . import plugged
+from .build import check_bug_name, pick_device
+from .checkpoint import PLUG_DEFAULTS, load_checkpoint
 from .config_tiny import PRESETS
-from .diagnose.bugs import BUG_NAMES as BUGS
-from .distributed import is_main_process
-from .trainer import (CKPT_NAME, TrainingError, out_dir_lock, pick_device, previous_checkpoint, stop_on_signals,
-                      write_json_atomic)
+from .errors import run_main  # noqa: F401 - the train scripts' wrapper, kept importable from here
+from .plan import dry_run as plan_line
+from .rundir import CKPT_NAME, PREV_CKPT_NAME
+from .spec import split_spec
 
 
 def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argparse.ArgumentParser:
@@ -41,8 +41,8 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
                    help="override any config field, e.g. --set learning_rate=3e-3 (repeatable)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = choose: 1 per process in twin runs, else all cores)")
-    p.add_argument("--inject-bug", default="", choices=[""] + list(BUGS), metavar="NAME",
-                   help=f"self-test: switch on one known bug ({', '.join(BUGS)})")
+    p.add_argument("--inject-bug", default="", metavar="NAME",
+                   help="self-test: switch on one known bug from bitnet/bugs.py (an unknown NAME lists them)")
     p.add_argument("--linear", default="", metavar="SPEC",
                    help="your layer class for every projection of our model: module:Class or file.py:Class, built "
                         "as Class(in, out, bias=False) (or Class(in, out)); the twin keeps nn.Linear")
@@ -81,7 +81,6 @@ def dry_run(args, cfg) -> bool:
     """--dry-run: print bitnet.plan.dry_run's line; True if it did (the script then exits)."""
     if args.dry_run is None:
         return False
-    from .plan import dry_run as plan_line
     if args.dry_run < 1:
         raise ValueError(f"--dry-run GPUS must be >= 1, got {args.dry_run}")
     if cfg.model_spec:
@@ -120,8 +119,6 @@ def build_config(args):
 def plug_fields(args) -> dict:
     """--linear/--model/--optimizer/--path as config fields, with file SPECs and folders made absolute,
     so that a checkpoint rebuilds the user's model from any directory."""
-    from .spec import split_spec
-
     def absolute(flag):
         spec = getattr(args, flag, "") or ""
         if not spec:
@@ -139,7 +136,6 @@ def plug_fields(args) -> dict:
 def plugs_of_resumed_run(args) -> dict:
     """--resume with none of --linear/--model/--optimizer/--path: the parts the run was started with,
     read from its checkpoint (a twin run's ternary one), so a resume need not repeat them. {} otherwise."""
-    from .trainer import CKPT_NAME, PLUG_DEFAULTS, PREV_CKPT_NAME, load_checkpoint
     if not (getattr(args, "resume", False) or getattr(args, "resume_from_previous", False)):
         return {}
     if any(getattr(args, flag, None) for flag in ("linear", "model", "optimizer", "path")):
@@ -166,6 +162,7 @@ def check_config(cfg):
         raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}; pass e.g. --set learning_rate=3e-3")
     if not cfg.checkpoint_interval_s >= 0:
         raise ValueError(f"checkpoint_interval_s must be >= 0 seconds, got {cfg.checkpoint_interval_s}; e.g. --set checkpoint_interval_s=60")
+    check_bug_name(cfg.inject_bug)
     if cfg.inject_bug and (cfg.linear_spec or cfg.model_spec):
         raise ValueError("--inject-bug swaps a bug into our own model; drop it with --linear/--model "
                          "(python -m bitnet.check_layer judges a layer alone)")
@@ -178,165 +175,3 @@ def check_config(cfg):
 def set_threads(n: int):
     if n > 0:
         torch.set_num_threads(n)
-
-
-def run_main(main):
-    """Run `main()`, turning expected problems into one line on stderr and an exit code:
-    0 done, 2 bad input, 3 non-finite loss, 130/143 stopped by SIGINT/SIGTERM after saving."""
-    try:
-        return main()
-    except (TrainingError, ValueError, OSError, UnicodeDecodeError) as e:
-        code = getattr(e, "exit_code", 2)
-        print(f"{'stopped' if code > 128 else 'error'}: {e}", file=sys.stderr)
-        sys.exit(code)
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
-        sys.exit(130)
-
-
-def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] = ()) -> dict[str, dict]:
-    """Train the ternary model and its full-precision twin at once: same config, seed and data
-    order (batches are a function of seed and step), one process each, so on a 2-core CPU the
-    pair takes the wall time of one run. The ternary run prints live; the twin logs to a file.
-    Returns {"ternary": summary, "fp": summary} read from each run's summary.json.
-    """
-    import signal
-    import subprocess
-    import threading
-
-    argv = [a for a in argv if a != "--twin"] + ["--no-verdict", *child_args]
-    threads = max(1, (os.cpu_count() or 2) // 2)
-    procs, pumps = {}, []
-    for name, quant in (("ternary", "ternary"), ("fp", "none")):
-        sub = os.path.join(out_dir, name)
-        os.makedirs(sub, exist_ok=True)
-        # argparse keeps the last occurrence of a flag, so these override anything in argv
-        cmd = [sys.executable, script, *argv, "--quant", quant, "--out-dir", sub, "--threads", str(threads)]
-        log = open(os.path.join(sub, "train.log"), "w")
-        live = name == "ternary"
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if live else log, text=True, bufsize=1)
-        procs[name] = (proc, log)
-
-        def pump(p=proc, f=log, echo=live):
-            for line in p.stdout:
-                f.write(line)
-                f.flush()
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-
-        t = threading.Thread(target=pump, daemon=True)
-        t.start()
-        pumps.append(t)
-    print(f"twin run: ternary and full-precision models training side by side, {threads} thread(s) each; "
-          f"the fp twin logs to {os.path.join(out_dir, 'fp', 'train.log')}", flush=True)
-    def forward(signum, frame):  # SIGTERM/SIGINT: both children save and stop (each ignores a repeat)
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    old_handlers = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for t in pumps:
-            t.join()
-        for proc, log in procs.values():
-            proc.wait()
-            log.close()
-    finally:
-        for s, handler in old_handlers.items():
-            signal.signal(s, handler)
-    failed = [f"{name} (exit {proc.returncode}, see {os.path.join(out_dir, name, 'train.log')})"
-              for name, (proc, _) in procs.items() if proc.returncode != 0]
-    if failed:
-        codes = {proc.returncode for proc, _ in procs.values() if proc.returncode != 0}
-        stopped = codes <= {130, 143}  # SIGINT/SIGTERM: each run saved its checkpoint
-        err = TrainingError(("twin run stopped (continue with --resume): " if stopped else "twin run failed: ")
-                            + "; ".join(failed))
-        err.exit_code = codes.pop() if len(codes) == 1 and codes <= {3, 130, 143} else 2  # both stopped alike: say so
-        raise err
-    summaries = {}
-    for name in procs:
-        with open(os.path.join(out_dir, name, "summary.json")) as f:
-            summaries[name] = json.load(f)
-    return summaries
-
-
-def check_user_stack(cfg):
-    """Build the user's ternary model and optimizer once (trainer.build_model, make_optimizer): a bad
-    SPEC, a factory that raises or a wrong output shape is a one-line error before any training."""
-    from .trainer import build_model, make_optimizer
-    with torch.random.fork_rng(devices=[]):
-        make_optimizer(build_model(cfg), cfg, torch.device("cpu"))
-
-
-def run_experiment(args, cfg, task, script: str, summarize, report, child_args: list[str] = (), conclude=None):
-    """run_experiment_unlocked() while holding OUT_DIR's lock: one run writes an OUT_DIR at a time.
-    Under torchrun the job is one run: rank 0 holds the lock for all its processes."""
-    with out_dir_lock(args.out_dir) if is_main_process() else contextlib.nullcontext():
-        return run_experiment_unlocked(args, cfg, task, script, summarize, report, child_args, conclude)
-
-
-def run_experiment_unlocked(args, cfg, task, script: str, summarize, report, child_args: list[str] = (),
-                            conclude=None):
-    """The shared tail of both train scripts.
-
-    Single run: train (with quantization health logged at each evaluation), write
-    summary.json, print `report(summary)`, then probes, detectors and the verdict.
-    --twin: run_twin() trains both models; then the side-by-side comparison and the verdict
-    for the pair go to OUT_DIR (summary.json, verdict.json, loss_curves.png, ...).
-    `summarize(result) -> dict` and `report(summary)` are the experiment's own; so is
-    `conclude({name: summary}, verdict) -> dict`, the last word printed, when given.
-    """
-    from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
-    from .trainer import METRICS_NAME, load_checkpoint, model_from_checkpoint, train
-
-    from .diagnose.bugs import wrap_task
-    task = wrap_task(task, cfg.inject_bug)  # the self-test's data bugs (unshifted_labels, bos_mismatch)
-    if args.twin and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("--twin runs its two models as two plain processes; under torchrun train one model "
-                         "per job (--quant ternary, then --quant none)")
-    if args.twin:
-        if plugged.parts(cfg):  # the user's code fails here, in one line, rather than in both children
-            check_user_stack(cfg)
-        # the children get the preset chosen here, so they neither choose nor announce it again
-        summaries = run_twin(script, sys.argv[1:], args.out_dir, [*child_args, "--preset", args.preset])
-        for name in ("ternary", "fp"):
-            report(summaries[name])
-        runs = {name: os.path.join(args.out_dir, name) for name in ("ternary", "fp")}
-        model = model_from_checkpoint(load_checkpoint(runs["ternary"]))
-        twin = plugged.twin_kind(model_from_checkpoint(load_checkpoint(runs["fp"])))
-        histories = {name: read_metrics(os.path.join(d, METRICS_NAME))[1] for name, d in runs.items()}
-        table, comparison = compare_twins(histories["ternary"], histories["fp"], task.milestones(), task.metric_keys)
-        print(f"\n=== ternary vs full-precision twin (same config, seed and data order) ===\ntwin: {twin}\n{table}")
-        stack = {"parts": plugged.parts(cfg), "twin": twin}
-        verdict = diagnose_run(model, histories["ternary"], histories["fp"], out_dir=args.out_dir,
-                               metrics_paths={"ternary": os.path.join(runs["ternary"], METRICS_NAME),
-                                              "fp twin": os.path.join(runs["fp"], METRICS_NAME)},
-                               learning_kwargs=task.learning_kwargs, stack=stack, task=task,
-                               **task.diagnosis_inputs(model))
-        outcome = conclude(summaries, verdict) if conclude else {}
-        write_json_atomic(os.path.join(args.out_dir, "summary.json"),
-                          {"ternary": summaries["ternary"], "fp": summaries["fp"], "comparison": comparison,
-                           "twin": twin, "plugged": stack["parts"], "your_stack": verdict.get("your_stack"),
-                           "verdict": verdict["verdict"], "suspected_bugs": verdict["suspected_bugs"], **outcome})
-        return {"summaries": summaries, "comparison": comparison, "verdict": verdict, "twin": twin, **outcome}
-
-    tracker = QuantHealthTracker(lambda: task.get_batch(0, 8)) if cfg.quant == "ternary" else None
-    resume = previous_checkpoint(os.path.join(args.out_dir, CKPT_NAME)) if args.resume_from_previous else args.resume
-    with stop_on_signals():  # SIGTERM/SIGINT: save a checkpoint after the current step, exit 143/130
-        result = train(cfg, task, args.out_dir, device=args.device, resume=resume, quiet=args.quiet, on_eval=tracker)
-    if not is_main_process():  # under torchrun rank 0 alone writes the summary and the verdict
-        return {"summary": None}
-    summary = summarize(result)
-    write_json_atomic(os.path.join(args.out_dir, "summary.json"), summary)
-    if args.no_verdict:  # a twin's child: the parent reports both runs together
-        return {"summary": summary}
-    report(summary)
-    model = result["model"].eval()
-    verdict = diagnose_run(model, result["history"], out_dir=args.out_dir,
-                           metrics_paths={cfg.quant: os.path.join(args.out_dir, METRICS_NAME)},
-                           learning_kwargs=task.learning_kwargs, task=task,
-                           stack={"parts": plugged.parts(cfg), "twin": None} if plugged.parts(cfg) else None,
-                           **task.diagnosis_inputs(model))
-    outcome = conclude({cfg.quant: summary}, verdict) if conclude else {}
-    return {"summary": summary, "verdict": verdict, **outcome}

@@ -390,10 +390,13 @@ class ArithmeticTask:
         vals = [v for k, v in m.items() if k.startswith("val_acc_") or k.startswith("val_heldout_acc_")]
         return bool(vals) and min(vals) >= self.solve_target
 
-    # --- what the diagnosis needs (see bitnet.diagnose) ---
+    # --- what the diagnosis needs (see bitnet.diagnose; its rules live in diagnose/rules.py) ---
     # val_loss here is the answer loss, which "answers are digits" alone pushes below the
     # ln(vocab) margin, so learning also asks for some exact answers.
-    learning_kwargs = {"metric": "indist_acc", "min_metric": 0.1}
+    thresholds = {"metric": "indist_acc", "min_metric": 0.1, "seed_loss": 0.5,
+                  "loss_name": "answer loss (cross-entropy on the answer tokens, teacher-forced, in-distribution set)",
+                  "bar_name": ">= 99% exact match on every operator, in-distribution and held-out"}
+    learning_kwargs = {"metric": thresholds["metric"], "min_metric": thresholds["min_metric"]}
     metric_keys = ["indist_acc", "heldout_acc", "indist_acc_+", "indist_acc_-", "indist_acc_*", "indist_acc_/",
                    "heldout_acc_+", "heldout_acc_-"]
 
@@ -417,41 +420,6 @@ class ArithmeticTask:
         failures = [f"{k} = {v:.1%} < {target:.0%}" for k, v in m.items()
                     if (k.startswith("indist_acc_") or k.startswith("heldout_acc_")) and v < target]
         return not failures, failures
-
-    def conclude(self, summaries: dict[str, dict], verdict: dict) -> dict:
-        """The end-of-run judgement, three things kept apart: (a) the seed's own criteria, (b) our
-        accuracy bar, (c) the infrastructure verdict; then one overall word that follows from them,
-        with a sentence wherever they seem to disagree."""
-        s = summaries.get("ternary") or next(iter(summaries.values()))
-        loss_met = s["loss_end"] <= 0.5
-        seed_met = loss_met and s["completions_ok"] == len(s["completions"])
-        lines = ["", "=== the result, three questions kept apart ===",
-                 f"(a) the seed's criteria: answer loss (cross-entropy on the answer tokens, teacher-forced, "
-                 f"in-distribution set) {s['loss_start']:.2f} -> {s['loss_end']:.3f}, seed asks ~3.5 -> ~0.5: "
-                 f"{'met' if loss_met else 'not met'}; greedy completions {s['completions_ok']}/{len(s['completions'])} "
-                 f"correct: {'met' if seed_met else 'not met'}",
-                 "(b) our bar, >= 99% exact match on every operator, in-distribution and held-out: "
-                 + ("reached" if s["bar"] else "not reached (" + ", ".join(s["bar_short"]) + ")")
-                 + "".join(f"; {'fp twin' if name == 'fp' else name} {'reached' if t['bar'] else 'not reached'}"
-                           for name, t in summaries.items() if t is not s),
-                 f"(c) infrastructure verdict: {verdict['verdict']}"]
-        if verdict["verdict"] == "BROKEN":
-            overall = "FAIL"
-            if s["bar"]:
-                lines.append("The model reached the bar, yet a check failed: the bug it names does not stop a task this "
-                             "small from being learned, and it would hurt a larger model.")
-        elif s["bar"]:
-            overall = "PASS"
-        else:
-            overall = "INCONCLUSIVE"
-            longer = (f"--time-budget {2 * s['time_budget_s'] / 60:.0f}m" if s["time_budget_s"]
-                      else f"--max-steps {2 * s['steps']}")
-            lines.append("Every probe passes, but the model did not reach our bar within this run's budget"
-                         + (", although the seed's looser criteria are met" if seed_met else "")
-                         + f". That says nothing against the infrastructure. Next step: train longer: {longer}.")
-        lines.append(f"OVERALL: {overall}")
-        print("\n".join(lines))
-        return {"overall": overall, "seed_criteria_met": seed_met, "bar_reached": s["bar"]}
 
     @torch.no_grad()
     def sample_lines(self, model, device, g, n_per_op: int = 2) -> list[str]:

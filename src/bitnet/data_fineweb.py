@@ -198,6 +198,6 @@ class FineWebTask(TinyStoriesTask):
         self.pending_state, self.stream = state, None  # the stream opens at the first batch, at this position
 
     def milestones(self) -> dict[str, float]:
-        from .diagnose import unigram_loss
+        from .data_arithmetic import unigram_loss
         ln_v, uni = math.log(self.cfg.vocab_size), unigram_loss(self.get_batch, 10, 16)
         return {f"ln(vocab) {ln_v:.2f}": ln_v, f"unigram {uni:.2f}": uni}

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .trainer import atomic_path
+from .rundir import atomic_path
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -433,7 +433,7 @@ class TinyStoriesTask:
                 "2.0 (target)": 2.0}
 
     def diagnosis_inputs(self, model) -> dict:
-        from .diagnose.detectors import words_of
+        from .words import words_of
         if not self.last_samples:
             self.last_samples = self.generate_stories(model, next(model.parameters()).device)
         known = set(words_of(self.tok.decode(self.train_tokens[:1_000_000].tolist())))

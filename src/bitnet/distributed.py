@@ -88,6 +88,14 @@ def max_over_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return value
 
 
+def all_agree(flag: bool, ctx: DistContext) -> bool:
+    """`flag` on any process, for every process: a checkpoint or a stop is a collective under
+    torchrun, so one process deciding alone (its own clock, its own signal) would hang the rest."""
+    if ctx.world_size == 1:
+        return flag
+    return bool(max_over_ranks(torch.tensor(float(flag)), ctx))
+
+
 def micro_batch_rows(cfg, world_size: int) -> int:
     """Sequences per micro-batch, with a one-line error when the global batch does not split evenly."""
     accum = cfg.grad_accum_steps

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from .cli import run_main
+from .errors import run_main
 from .data_arithmetic import format_prompt, parse_problem
 from .generate import KERNEL_CHOICES, load_for_inference, runs_at
 

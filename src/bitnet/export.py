@@ -26,10 +26,11 @@ from dataclasses import asdict, replace
 
 import torch
 
-from .cli import run_main
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .errors import TrainingError, run_main
 from .model import BitNetDecoderLayer, BitNetForCausalLM
 from .packing import pack_model, pack_ternary, unpacked_state_dict
-from .trainer import TrainingError, load_checkpoint, model_from_checkpoint, write_json_atomic
+from .rundir import write_json_atomic
 
 SIDECAR = "bitnet_tiny.json"
 SIDECAR_FORMAT = "bitnet-tiny-export-v1"

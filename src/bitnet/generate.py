@@ -11,8 +11,9 @@ from typing import Callable
 
 import torch
 
-from .cli import run_main
-from .trainer import TrainingError, find_runs, model_from_checkpoint
+from .checkpoint import model_from_checkpoint
+from .errors import TrainingError, run_main
+from .rundir import find_runs
 
 
 KERNEL_CHOICES = ("auto", "latent", "unpack", "int8")

@@ -20,6 +20,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .build import make_optimizer
+from .distributed import micro_batch_rows
 from .model import BitNetForCausalLM
 
 # Peak dense (no 2:4 sparsity) bf16 tensor-core TFLOPS with fp32 accumulation, by a substring of
@@ -123,8 +125,6 @@ def memory_estimate(cfg, rows: int, target: str = "cuda") -> dict:
     Not modelled: DDP's communication buffers (its gradients are views of its buckets), the CUDA
     caching allocator's fragmentation and the CUDA context (~0.5 GB).
     """
-    from .trainer import make_optimizer
-
     model, mode = fake_model(cfg)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype != "fp32")  # as CUDA's: matmuls in bf16
     micro = min(2, cfg.grad_accum_steps)  # a second micro-batch shows the gradients living across them
@@ -157,8 +157,6 @@ def memory_estimate(cfg, rows: int, target: str = "cuda") -> dict:
 
 def dry_run(cfg, world_size: int = 1) -> dict:
     """The one-line plan `--dry-run` prints (memory is per process, at the configured micro-batch)."""
-    from .distributed import micro_batch_rows
-
     rows = micro_batch_rows(cfg, world_size)
     model, mode = fake_model(cfg)
     total, embedding = model.num_parameters(), cfg.vocab_size * cfg.hidden_size

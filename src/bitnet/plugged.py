@@ -321,14 +321,15 @@ def stack_statement(stack: dict, verdict: dict, history: list[dict], twin_histor
     head = "your stack: " + ("; ".join(f"{part} {shown(spec)}" for part, spec in plugged.items()) or "ours only") + ". "
     subject = "your layer" if ("layer" in plugged or "model" in plugged) else "with your optimizer, the ternary model"
     ev = verdict["evidence"]
-    failed = [name for name, ok in ev.get("probes", {}).items() if not ok]
+    consequences = list(ev.get("consequences", {}))  # probes that fail only through the trained weights
+    failed = [name for name, ok in ev.get("probes", {}).items() if not ok and name not in consequences]
     twin = stack.get("twin")
     faults = verdict.get("faults") or []
     if faults:  # the verdict named the cause: say whose part it is, first
         causes = "; ".join(f"{'your' if f['part'] in plugged else 'the'} {f['part']}: {f['problem']}" for f in faults)
         line = head + f"the fault is {causes}"
         own = {f["check"] for f in faults}
-        downstream = [name for name in failed if name not in own]
+        downstream = [name for name in failed + consequences if name not in own]
         if downstream and all(f["part"] != "layer" for f in faults):
             line += (f"; the layer probe(s) {', '.join(downstream)} fail as a consequence of it, "
                      f"not of {'your' if 'layer' in plugged or 'model' in plugged else 'the'} layer")

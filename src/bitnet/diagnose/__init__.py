@@ -13,18 +13,19 @@ Four kinds of evidence, each a named result `{"name", "passed", "evidence", "sus
   health.py   QuantHealthTracker, the trainer's `on_eval` hook for per-layer quantization health.
   verdict.py  make_verdict() combines probes, the ternary run, its full-precision twin and the
               detectors into OK / BROKEN / INCONCLUSIVE with the evidence.
-  bugs.py     the self-test's injectable bugs (`--inject-bug`), off the production path.
+  (bitnet/bugs.py holds the self-test's injectable bugs, off the production path; the old name
+  bitnet.diagnose.bugs still resolves to it.)
   plots.py, report.py
               pictures, the end-of-run diagnosis, and `python -m bitnet.diagnose --checkpoint OUT_DIR`.
 """
+from ..train_signals import TrainingSignals, describe_optimizer  # noqa: F401
 from .detectors import (answer_of, detect_format_mismatch, detect_gibberish_samples, detect_init_loss,  # noqa: F401
                         detect_label_shift, detect_loss_stuck, detect_non_finite, detect_non_numeric_answers,
                         detect_not_learning, detect_params_not_updated, detect_prompt_format,
                         detect_repetitive_samples, detect_weight_collapse, format_scores, learning_summary,
                         load_word_list, prompt_token_pairs, run_detectors,
                         words_of)
-from .health import (QuantHealthTracker, TrainingSignals, describe_optimizer, effective_weight,  # noqa: F401
-                     flat_health, health_warnings, summarise_quant_health)
+from .health import QuantHealthTracker, effective_weight, flat_health, health_warnings, summarise_quant_health  # noqa: F401
 from .layer_probes import (LAYER_CHECKS, layer_problems, probe_layer, reference_activation_quant,  # noqa: F401
                            reference_weight_quant, result)
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics  # noqa: F401

@@ -7,57 +7,9 @@ import re
 import torch
 import torch.nn as nn
 
+from ..words import WORD_RE, words_of  # noqa: F401 - WORD_RE was defined here
 from .probes import eval_mode, logits_of, next_token_loss, random_batch, result
-
-LEARNING_MARGIN_SHARE = 0.15  # "clearly below": at least 15% of ln(vocab) ...
-LEARNING_MARGIN_MIN = 0.3  # ... and at least 0.3 nats
-
-
-def learning_summary(history: list[dict], vocab_size: int, warmup_steps: int = 0,
-                     baseline_loss: float | None = None, metric: str | None = None,
-                     min_metric: float | None = None) -> dict:
-    """Does a run learn? The definition the verdict uses:
-
-    A run *learns* when its last evaluation comes after warm-up (step >= warmup_steps, and
-    step > 0), its val_loss is finite, and val_loss <= baseline - margin, where baseline is
-    ln(vocab_size) (the loss of a uniform guess; pass `baseline_loss` for a stronger one, such as
-    the unigram level) and margin = max(0.3, 0.15 * baseline) nats. With `metric` and
-    `min_metric` (e.g. "indist_acc", 0.05 for arithmetic) the last evaluation must also reach
-    that task metric.
-
-    `history` is a list of evaluation dicts with "step" and "val_loss" (metrics.jsonl "eval"
-    lines, or trainer.train()'s "history").
-    """
-    baseline = math.log(vocab_size) if baseline_loss is None else float(baseline_loss)
-    margin = max(LEARNING_MARGIN_MIN, LEARNING_MARGIN_SHARE * baseline)
-    threshold = baseline - margin
-    summary = {"learns": False, "threshold": threshold, "baseline_loss": baseline, "margin": margin,
-               "final_step": None, "final_val_loss": None, "best_val_loss": None}
-    evals = [h for h in history if "val_loss" in h]
-    if not evals:
-        return {**summary, "reason": "no evaluation with a val_loss"}
-    last = evals[-1]
-    losses = [h["val_loss"] for h in evals if _finite(h["val_loss"])]
-    summary.update(final_step=last.get("step"), final_val_loss=last["val_loss"],
-                   best_val_loss=min(losses) if losses else None)
-    if not last.get("step") or last["step"] < warmup_steps:
-        return {**summary, "reason": f"last evaluation at step {last.get('step')} is not after warm-up ({warmup_steps} steps)"}
-    if not _finite(last["val_loss"]):
-        return {**summary, "reason": f"final val_loss is {last['val_loss']}"}
-    if last["val_loss"] > threshold:
-        return {**summary, "reason": f"final val_loss {last['val_loss']:.3f} > {threshold:.3f} (ln-vocab baseline "
-                                     f"{baseline:.3f} - margin {margin:.2f})"}
-    if metric is not None and min_metric is not None:
-        value = last.get(metric)
-        summary[metric] = value
-        if value is None or value < min_metric:
-            return {**summary, "reason": f"{metric} = {value} < {min_metric}"}
-    return {**summary, "learns": True,
-            "reason": f"final val_loss {last['val_loss']:.3f} <= {threshold:.3f} at step {last['step']}"}
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+from .rules import _finite, learning_summary  # noqa: F401 (learning_summary: its old home)
 
 
 def detect_not_learning(history: list[dict], vocab_size: int, warmup_steps: int = 0, **kwargs) -> dict:
@@ -120,14 +72,6 @@ def detect_non_finite(history: list[dict] | None = None, model: nn.Module | None
     evidence = {k: (v[:10] if isinstance(v, list) else v) for k, v in evidence.items()}
     passed = not (evidence["in_history"] or evidence["in_activations"] or evidence["in_loss"] or evidence["in_gradients"])
     return result("non_finite", passed, evidence)
-
-
-WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
-
-
-def words_of(text: str) -> list[str]:
-    """Lower-case words (letters and inner apostrophes); numbers and punctuation are dropped."""
-    return WORD_RE.findall(text.lower())
 
 
 def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
@@ -311,28 +255,58 @@ def detect_format_mismatch(teacher_forced_hits: list[bool] | None, greedy_hits: 
 
 
 def detect_params_not_updated(history: list[dict]) -> dict:
-    """Every trainable parameter must move during training and be in the optimizer's param_groups
-    (both logged by trainer.TrainingSignals; the last evaluation decides)."""
+    """Every trainable parameter must be in the optimizer's param_groups and move during training
+    (both logged by trainer.TrainingSignals; the last evaluation decides). Two different facts:
+    parameters outside every param group (params_not_in_optimizer, the optimizer's fault), and
+    parameters in a group that never moved because their gradient was zero (params_without_gradient:
+    a symptom, of an unused module or of a fault upstream that stops the gradient, which the verdict
+    names only when no other fault explains it)."""
     judged = [h for h in history if isinstance(h.get("params_unchanged"), list)]
     optimizer = next((h["optimizer"] for h in reversed(history) if isinstance(h.get("optimizer"), dict)), None)
     missing = (optimizer or {}).get("params_not_in_optimizer", [])
     n_missing = (optimizer or {}).get("n_params_not_in_optimizer", len(missing))
     unchanged = judged[-1]["params_unchanged"] if judged else []
+    in_groups = [n for n in unchanged if n not in missing] if n_missing <= len(missing) else []
     evidence = {"params_unchanged": unchanged[:10], "n_params_unchanged": len(unchanged),
                 "params_not_in_optimizer": missing, "n_params_not_in_optimizer": n_missing,
-                "judged_at_step": judged[-1].get("step") if judged else None}
+                "unchanged_in_optimizer": in_groups[:10], "judged_at_step": judged[-1].get("step") if judged else None}
     if not judged and optimizer is None:
         return result("all_parameters_updated", True, {**evidence, "note": "no parameter-change summary logged"})
     passed = not unchanged and not n_missing
+    if passed:
+        return result("all_parameters_updated", True, evidence)
+    parts = []
+    if n_missing:
+        parts.append(f"{n_missing} trainable parameter(s) are in no optimizer param group (e.g. {missing[0]})")
+    if in_groups:
+        parts.append(f"{len(in_groups)} in the optimizer never changed from step 0 to step "
+                     f"{evidence['judged_at_step']} (e.g. {in_groups[0]}): their gradient was zero")
+    elif unchanged:
+        parts.append(f"{len(unchanged)} never changed from step 0 to step {evidence['judged_at_step']} "
+                     f"(e.g. {unchanged[0]})")
+    evidence["finding"] = "; ".join(parts)
+    # without a logged optimizer the two facts cannot be told apart; the older, commoner one is named
+    outside = n_missing or optimizer is None
+    return result("all_parameters_updated", False, evidence,
+                  "params_not_in_optimizer" if outside else "params_without_gradient")
+
+
+INIT_WEIGHT_RMS_FLOOR = 1e-4  # our init: 0.02; PyTorch's default for a 8192-wide Linear: 0.0064
+
+
+def detect_init_weights(history: list[dict]) -> dict:
+    """The weights at step 0 must not be (almost) zero: below ~1e-5 mean|W| the absmean quantizer
+    clamps its scale and rounds every weight to 0, and the layers pass nothing on. Fails when the
+    median weight RMS logged at the first evaluation is below 1e-4, 60x below any common init."""
+    first = next(((h.get("step"), h["weight_rms"]) for h in history if _finite(h.get("weight_rms"))), None)
+    evidence = {"first_weight_rms": first and first[1], "at_step": first and first[0], "floor": INIT_WEIGHT_RMS_FLOOR}
+    if first is None or first[0] != 0:
+        return result("init_weights", True, {**evidence, "note": "no step-0 weight RMS logged"})
+    passed = first[1] >= INIT_WEIGHT_RMS_FLOOR
     if not passed:
-        parts = []
-        if n_missing:
-            parts.append(f"{n_missing} trainable parameter(s) are in no optimizer param group (e.g. {missing[0]})")
-        if unchanged:
-            parts.append(f"{len(unchanged)} never changed from step 0 to step {evidence['judged_at_step']} "
-                         f"(e.g. {unchanged[0]})")
-        evidence["finding"] = "; ".join(parts)
-    return result("all_parameters_updated", passed, evidence, None if passed else "params_not_in_optimizer")
+        evidence["finding"] = (f"at step 0 the median weight RMS was {first[1]:.2g}, below {INIT_WEIGHT_RMS_FLOOR:g}: "
+                               f"the weights were initialised to (almost) zero")
+    return result("init_weights", passed, evidence, None if passed else "init_scale_too_small")
 
 
 def prompt_token_pairs(task, n: int = 16) -> list[tuple[list[int], list[int]]] | None:
@@ -408,6 +382,7 @@ def run_detectors(history: list[dict], vocab_size: int, warmup_steps: int = 0, s
            detect_loss_stuck(history, warmup_steps),
            detect_non_finite(history, model, batch),
            detect_init_loss(history, vocab_size),
+           detect_init_weights(history),
            detect_weight_collapse(history, vocab_size, warmup_steps, **learning_kwargs),
            detect_params_not_updated(history)]
     if batch is not None:

@@ -39,25 +39,84 @@ def float64_copy(layer: nn.Module) -> nn.Module:
     return layer
 
 
+HEALTHY_WEIGHT_RMS = 0.02  # our init (initializer_range); any working init is within ~5x of it
+
+
+def healthy_copies(layer: nn.Module) -> dict[str, nn.Module]:
+    """Two copies of a trained layer whose weights are in a healthy state: "fresh" (every module
+    reset, each latent matrix drawn N(0, 0.02)) and "rescaled" (the trained matrices, non-finite
+    entries zeroed, scaled to RMS 0.02). A fault of the layer's code shows in both; a failure that
+    one of them does not show comes from the trained weights (collapsed, blown up, non-finite)."""
+    g = torch.Generator().manual_seed(0)
+    fresh, rescaled = copy.deepcopy(layer), copy.deepcopy(layer)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # reset_parameters() draws from the global RNG
+        for m in fresh.modules():
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+        for copy_ in (fresh, rescaled):
+            for p in copy_.parameters():
+                if p.dim() < 2:
+                    p.copy_(torch.where(torch.isfinite(p), p, torch.ones_like(p)))
+                    continue
+                p.nan_to_num_(0.0, 0.0, 0.0)
+                rms = float(p.square().mean().sqrt())
+                if copy_ is fresh or rms == 0.0:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * HEALTHY_WEIGHT_RMS)
+                else:
+                    p.mul_(HEALTHY_WEIGHT_RMS / rms)
+    return {"fresh": fresh, "rescaled": rescaled}
+
+
 def run_layer_probes(model: nn.Module) -> list[dict]:
     """probe_layer() on a float64 copy of every quantized layer, one result per layer check:
-    a check passes when every layer passes it and names the problem most failing layers name."""
+    a check passes when every layer passes it and names the problem most failing layers name.
+
+    Causes before consequences: a layer that fails a check is probed again on healthy_copies();
+    only a failure that both copies show is the layer's. One that either copy clears is a
+    consequence of the trained weights (evidence "consequence_of_weights"; it names no problem).
+    Deviations the probes measure (evidence "deviations": [{problem, measured}]) are gathered."""
     layers = quantized_layers(model)
     if not layers:
         quant = getattr(getattr(model, "config", None), "quant", None)
         note = ("full-precision model: no quantized layer to check" if quant == "none"
                 else f"no quantized layers although quant={quant!r}")
         return [result(name, quant == "none", {"layers_checked": 0, "note": note}) for name in LAYER_CHECKS]
-    per_layer = {name: probe_layer(float64_copy(layer)) for name, layer in layers}
+    per_layer, healthy = {}, {}
+    for name, layer in layers:
+        layer = float64_copy(layer)
+        per_layer[name] = probe_layer(layer)
+        if any(not c["passed"] for c in per_layer[name]):
+            healthy[name] = {how: probe_layer(copy_) for how, copy_ in healthy_copies(layer).items()}
     out = []
     for i, check in enumerate(LAYER_CHECKS):
-        failures = {name: checks[i] for name, checks in per_layer.items() if not checks[i]["passed"]}
+        failures, consequences = {}, {}
+        for name, checks in per_layer.items():
+            if checks[i]["passed"]:
+                continue
+            cleared_by = [how for how, again in healthy.get(name, {}).items() if again[i]["passed"]]
+            if cleared_by:
+                consequences[name] = {"cleared_by": cleared_by, "would_name": checks[i]["suspected_bug"]}
+            else:
+                failures[name] = checks[i]
         suspects = Counter(c["suspected_bug"] for c in failures.values() if c["suspected_bug"])
         evidence = {"layers_checked": len(layers), "layers_failed": len(failures),
                     "failures": {n: c["evidence"] for n, c in list(failures.items())[:3]}}  # the first few tell the story
-        if not failures:
+        deviations = {}
+        for checks in per_layer.values():
+            for d in checks[i]["evidence"].get("deviations") or []:
+                deviations.setdefault(d["problem"], d)
+        if deviations:
+            evidence["deviations"] = list(deviations.values())
+        if consequences:
+            first = next(iter(consequences.values()))
+            evidence["consequence_of_weights"] = {
+                "layers": len(consequences), "would_name": first["would_name"], "cleared_by": first["cleared_by"],
+                "finding": f"{len(consequences)} layer(s) fail {check} as trained, but pass it with healthy weights "
+                           f"({' and '.join(first['cleared_by'])} copy): the trained weights, not the layer's code"}
+        if not failures and not consequences:
             evidence["example"] = per_layer[layers[0][0]][i]["evidence"]
-        out.append(result(check, not failures, evidence, suspects.most_common(1)[0][0] if suspects else None))
+        out.append(result(check, not failures and not consequences, evidence,
+                          suspects.most_common(1)[0][0] if suspects else None))
     return out
 
 
@@ -126,7 +185,7 @@ def probe_all_parameters_trained(model: nn.Module, optimizer=None) -> dict:
     passed = not no_grad and not non_finite and not stateful_strays
     suspect = "norm_in_forward" if (no_grad or stateful_strays) else None
     if optimizer is not None:
-        from .health import params_missing_from_optimizer
+        from ..train_signals import params_missing_from_optimizer
         missing = params_missing_from_optimizer(model, optimizer)
         evidence.update(params_not_in_optimizer=missing[:10], n_params_not_in_optimizer=len(missing))
         if missing:

@@ -57,6 +57,11 @@ PROBLEMS = {
                                               "is_causal=True) or a lower-triangular mask"),
     "init_scale_too_large": problem("model", HARMFUL, "initialise embeddings (and a tied head) with std ~0.02 "
                                                       "(initializer_range), not nn.Embedding's default N(0, 1)"),
+    "init_scale_too_small": problem("model", FATAL, "initialise the weight matrices with std ~0.02 (initializer_range); "
+                                                    "weights near 0 quantize to all zeros"),
+    "params_without_gradient": problem("model", HARMFUL, "every registered parameter must take part in forward: "
+                                                         "remove unused modules, or find the fault upstream that "
+                                                         "stops their gradient"),
     # the optimizer
     "coupled_weight_decay": problem("optimizer", FATAL, "use torch.optim.AdamW (decoupled weight decay), or Adam "
                                                         "with weight_decay=0"),

@@ -6,11 +6,14 @@ import sys
 import torch
 import torch.nn as nn
 
-from ..trainer import CKPT_NAME, METRICS_NAME, TrainingError, find_runs, load_checkpoint, model_from_checkpoint
+from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..errors import TrainingError
+from ..rundir import CKPT_NAME, METRICS_NAME, find_runs
 from .detectors import format_scores, learning_summary, prompt_token_pairs, run_detectors
 from .health import QuantHealthTracker, summarise_quant_health
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics
 from .probes import run_probes
+from .rules import learning_kwargs as thresholds_learning_kwargs, target_unigram_loss
 from .verdict import format_results, format_verdict, make_verdict, write_verdict
 
 
@@ -46,7 +49,7 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     cfg = model.config
     probes = run_probes(model)
     log("\nprobes:\n" + format_results(probes))
-    learning_kwargs = learning_kwargs or {}
+    learning_kwargs = learning_kwargs or thresholds_learning_kwargs(getattr(task, "thresholds", None))
     detectors = run_detectors(history, cfg.vocab_size, cfg.warmup_steps, samples=samples, known_words=known_words,
                               arithmetic_answers=arithmetic_answers, model=model, batch=batch,
                               format_hits=format_scores(task, model), prompt_pairs=prompt_token_pairs(task),
@@ -58,7 +61,10 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     if twin_history:
         twin = learning_summary(twin_history, cfg.vocab_size, cfg.warmup_steps, **learning_kwargs)
         log(f"twin:    {twin['reason']}")
-    verdict = make_verdict(probes, ternary, twin, detectors)
+    # the twin comparison measures progress from the best context-free guess, which a model whose
+    # quantized layers pass nothing on still reaches through its embeddings and head
+    baseline = target_unigram_loss(task.get_batch) if twin and callable(getattr(task, "get_batch", None)) else None
+    verdict = make_verdict(probes, ternary, twin, detectors, baseline_loss=baseline)
     if stack:
         from ..plugged import stack_statement
         verdict["your_stack"] = {**stack, "statement": stack_statement(stack, verdict, history, twin_history)}
@@ -91,7 +97,7 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
     batch, answers, task = None, None, None  # other tasks: random tokens, and no sample detectors
     if (ckpt.get("task") or {}).get("task") == "arithmetic":
         from ..data_arithmetic import ArithmeticTask, arithmetic_answers
-        from .bugs import wrap_task
+        from ..bugs import wrap_task
         task = wrap_task(ArithmeticTask(cfg), cfg.inject_bug)  # a data bug of the self-test, as it was trained
         batch = task.get_batch(0, 16)
         answers = arithmetic_answers(task, model)

@@ -2,9 +2,9 @@
 import json
 import os
 
-from ..trainer import write_json_atomic
-from .detectors import _finite
-from .problems import PROBLEMS
+from ..rundir import write_json_atomic
+from .problems import PROBLEMS, SEVERITY_ORDER, is_deviation, severity_of
+from .rules import _finite, progress_share
 
 def first_step_below(history: list[dict], level: float, key: str = "val_loss") -> int | None:
     return next((h["step"] for h in history if _finite(h.get(key)) and h[key] <= level), None)
@@ -39,45 +39,76 @@ NON_FINITE = "non_finite"
 
 # A fault that explains another check's failure: the latter is then not reported as a fault of its
 # own (its check stays in failed_checks). A model that sees the answer while teacher-forced scores
-# high there and fails to generate; latent weights that decay collapsed below the quantizer's
-# 1e-5 clamp on mean|W| round to zero in any layer, so the layer probes read wrong_weight_scale;
-# a layer that never divides its scales out makes the first loss huge as a bad init would.
-EXPLAINS = {"no_causal_mask": {"train_inference_mismatch"}, "coupled_weight_decay": {"wrong_weight_scale"},
+# high there and fails to generate; latent weights that decay collapsed, or were initialised, below
+# the quantizer's 1e-5 clamp on mean|W| round to zero in any layer, so the layer probes read
+# wrong_weight_scale; a layer that never divides its scales out makes the first loss huge as a bad
+# init would.
+EXPLAINS = {"no_causal_mask": {"train_inference_mismatch"},
+            "coupled_weight_decay": {"wrong_weight_scale"}, "init_scale_too_small": {"wrong_weight_scale"},
             "missing_rescale": {"init_scale_too_large"}}
+# Symptoms: named only when no other fault is. Parameters that never moved although the optimizer
+# holds them had a zero gradient, which an unused module or any fault upstream that stops the
+# gradient (a norm rebuilt in forward, weights that round to zero) explains.
+SYMPTOMS = {"params_without_gradient"}
 
 
-def faults_of(failed: list[dict]) -> list[dict]:
-    """{part, problem, evidence, fix, check} for every failed check that names a problem."""
+def faults_of(failed: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(faults, deviations) of the failed checks that name a problem: faults are
+    {part, problem, severity, evidence, fix, check}, fatal first; deviations (problems.py's
+    harmless conventions) are {part, problem, check, measured}."""
     from .layer_probes import LAYER_CHECKS
     named = [r for r in failed if r.get("suspected_bug")]
     explained = {e for r in named for e in EXPLAINS.get(r["suspected_bug"], ())}
-    faults = {}
+    if any(r["suspected_bug"] not in SYMPTOMS for r in named):
+        explained |= SYMPTOMS
+    faults, deviations = {}, {}
     for r in named:
         problem = r["suspected_bug"]
-        if problem in explained or problem in faults:
+        if problem in explained or problem in faults or problem in deviations:
             continue
         entry = PROBLEMS.get(problem, {"part": "model", "fix": "see the README's problem names"})
-        part, fix = entry["part"], entry["fix"]
+        part = "layer" if r["name"] in LAYER_CHECKS else entry["part"]
         finding = r["evidence"].get("finding") or f"{r['name']} failed: {json.dumps(r['evidence'], default=str)[:240]}"
-        faults[problem] = {"part": "layer" if r["name"] in LAYER_CHECKS else part, "problem": problem,
-                           "evidence": finding, "fix": fix, "check": r["name"]}
-    return list(faults.values())
+        if is_deviation(problem):
+            deviations[problem] = {"part": part, "problem": problem, "check": r["name"], "measured": finding}
+        else:
+            faults[problem] = {"part": part, "problem": problem, "severity": severity_of(problem),
+                               "evidence": finding, "fix": entry["fix"], "check": r["name"]}
+    ordered = sorted(faults.values(), key=lambda f: SEVERITY_ORDER[f["severity"]])
+    return ordered, list(deviations.values())
+
+
+def deviations_measured(results: list[dict]) -> list[dict]:
+    """Deviations the checks measured while passing or failing (evidence "deviations":
+    [{problem, measured}]), one entry per problem."""
+    out = {}
+    for r in results:
+        for d in r["evidence"].get("deviations") or []:
+            out.setdefault(d["problem"], {"part": PROBLEMS.get(d["problem"], {}).get("part", "layer"),
+                                          "check": r["name"], **d})
+    return list(out.values())
 
 
 def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict | None = None,
-                 detectors: list[dict] = ()) -> dict:
+                 detectors: list[dict] = (), baseline_loss: float | None = None) -> dict:
     """OK / BROKEN / INCONCLUSIVE, conservatively, in this order:
 
-    1. Any probe fails, or a detector that names a problem (the pipeline checks: init loss,
-       weight collapse, label shift, train/inference format, parameters never updated)
-                                                    -> BROKEN; suspected_bugs = the problems named,
-                                                       faults = [{part, problem, evidence, fix}].
+    1. A fault: a failed probe or detector that names a fatal or harmful problem (problems.py), or
+       a failed probe that names none (an unexplained failure)  -> BROKEN; faults =
+       [{part, problem, severity, evidence, fix, check}], causes (fatal) first. Not faults:
+       - deviations (harmless conventions): listed under "deviations" with their measured size;
+       - layer-probe failures that healthy weights clear (probes.run_layer_probes): consequences
+         of the trained weights, listed under evidence["consequences"] after the cause;
+       - symptoms (params_without_gradient) when another fault is named.
     2. The ternary run counts as learning when learning_summary() says it learns and its
        non_finite detector passed (a run that hit NaN/Inf did not finish).
     3. With a twin (the same config with quant="none", same data order and seed):
-         twin learns, ternary does not              -> BROKEN; failed_checks name the ternary's
-                                                       failed detectors; no bug can be named
          ternary learns (twin or not)               -> OK (a twin that did not learn is a warning)
+         twin learns, ternary does not, and the ternary model came less than 20% of the way the
+         twin came from the baseline (rules.progress_share; `baseline_loss`, e.g. the unigram
+         loss of the targets, else ln V), or hit NaN/Inf -> BROKEN; failed_checks name the ternary's
+                                                       failed detectors; no bug can be named
+         twin learns, the gap is not decisive       -> INCONCLUSIVE: train longer
          neither learns                             -> INCONCLUSIVE: a data, pipeline or
                                                        hyper-parameter problem, not BitNet's
     4. Without a twin: ternary learns -> OK, otherwise INCONCLUSIVE (nothing separates a broken
@@ -89,6 +120,8 @@ def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict |
     """
     failed_probes = [p for p in probes if not p["passed"]]
     failed_detectors = [d for d in detectors if not d["passed"]]
+    consequences = {p["name"]: p["evidence"]["consequence_of_weights"] for p in failed_probes
+                    if p["evidence"].get("consequence_of_weights") and not p.get("suspected_bug")}
     non_finite = any(d["name"] == NON_FINITE for d in failed_detectors)
     ternary_learns = bool(ternary_summary.get("learns")) and not non_finite
     twin_learns = None if twin_summary is None else bool(twin_summary.get("learns"))
@@ -97,29 +130,44 @@ def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict |
                 "ternary": ternary_summary, "twin": twin_summary, "ternary_learns": ternary_learns,
                 "twin_learns": twin_learns}
     failed_checks, suspected, warnings = [], [], []
-    faults = faults_of(failed_probes + failed_detectors)
-    named_detectors = [d for d in failed_detectors if d.get("suspected_bug")]
+    faults, deviations = faults_of(failed_probes + failed_detectors)
+    deviations += [d for d in deviations_measured(probes) if d["problem"] not in {e["problem"] for e in deviations}]
+    unexplained = [p for p in failed_probes if not p.get("suspected_bug") and p["name"] not in consequences]
+    if consequences:
+        causes = [f["problem"] for f in faults if f["part"] != "layer"] or ["the trained weights' state"]
+        evidence["consequences"] = {name: {**c, "of": causes} for name, c in consequences.items()}
 
-    if failed_probes or named_detectors:
+    if faults or unexplained:
         verdict = "BROKEN"
         failed_checks = [p["name"] for p in failed_probes] + [d["name"] for d in failed_detectors]
         suspected = [f["problem"] for f in faults]
         if failed_probes:
             evidence["failed_probes"] = {p["name"]: p["evidence"] for p in failed_probes}
-        reason = "; ".join(
-            ([f"probe(s) failed on the model instance: {', '.join(p['name'] for p in failed_probes)}"] if failed_probes else [])
-            + ([f"pipeline check(s) failed: {', '.join(d['name'] for d in named_detectors)}"] if named_detectors else []))
+        reason = "; ".join([f"{f['part']}: {f['problem']} ({f['severity']})" for f in faults]
+                           + [f"probe {p['name']} failed" for p in unexplained])
+        if consequences:
+            reason += f"; {', '.join(consequences)} fail as a consequence, not a fault of the layer"
     elif ternary_learns:
         verdict = "OK"
-        warnings = [d["name"] for d in failed_detectors]
+        warnings = [d["name"] for d in failed_detectors] + [f"{name} (consequence of the trained weights)"
+                                                             for name in consequences]
         if twin_learns is False:
             warnings.append("twin_not_learning")
         reason = "all probes pass and the ternary model learns" + ("" if twin_summary is None else
                                                                   " (twin learns)" if twin_learns else " (twin did not)")
     elif twin_learns:
-        verdict = "BROKEN"
-        failed_checks = ["ternary_not_learning_while_twin_learns"] + [d["name"] for d in failed_detectors]
-        reason = "the full-precision twin learns with the same config and data, the ternary model does not"
+        progress = progress_share(ternary_summary, twin_summary, baseline_loss)
+        evidence["progress"] = progress
+        failed_checks = [d["name"] for d in failed_detectors]
+        if progress["decisive"] or non_finite:  # a run that blew up where its twin did not is decisive too
+            verdict = "BROKEN"
+            failed_checks = ["ternary_not_learning_while_twin_learns"] + failed_checks
+            reason = ("the full-precision twin learns with the same config and data, the ternary model does not: "
+                      + ("it hit NaN/Inf" if non_finite else progress["reason"]))
+        else:
+            verdict = "INCONCLUSIVE"
+            reason = (f"the twin learns and the ternary model does not yet, but the gap is not decisive: "
+                      f"{progress['reason']}; train longer")
     else:
         verdict = "INCONCLUSIVE"
         failed_checks = [d["name"] for d in failed_detectors]
@@ -139,7 +187,7 @@ def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict |
     evidence["warnings"] = warnings
     evidence["reason"] = reason
     return {"verdict": verdict, "failed_checks": failed_checks, "suspected_bugs": suspected, "faults": faults,
-            "evidence": evidence}
+            "deviations": deviations, "evidence": evidence}
 
 
 def write_verdict(out_dir: str, verdict: dict) -> str:
@@ -160,7 +208,11 @@ def format_verdict(verdict: dict) -> str:
     if verdict["suspected_bugs"]:
         lines.append("  suspected bugs: " + ", ".join(verdict["suspected_bugs"]))
     for f in verdict.get("faults", []):
-        lines.append(f"  {f['part']}: {f['problem']}: {f['evidence']}; fix: {f['fix']}")
+        lines.append(f"  {f['part']}: {f['problem']}: {f['evidence']}; fix: {f['fix']} [{f.get('severity', 'harmful')}]")
+    for name, c in verdict["evidence"].get("consequences", {}).items():
+        lines.append(f"  consequence, not a fault: {name}: {c['finding']}; caused by {', '.join(c['of'])}")
+    for d in verdict.get("deviations", []):
+        lines.append(f"  deviation (harmless): {d['problem']}: {d['measured']}")
     if verdict["evidence"].get("warnings"):
         lines.append("  warnings: " + ", ".join(verdict["evidence"]["warnings"]))
     return "\n".join(lines)
@@ -169,7 +221,9 @@ def format_verdict(verdict: dict) -> str:
 def format_results(results: list[dict]) -> str:
     lines = []
     for r in results:
-        status = "pass" if r["passed"] else "FAIL" + (f" (suspect {r['suspected_bug']})" if r["suspected_bug"] else "")
+        status = "pass" if r["passed"] else "FAIL" + (f" (suspect {r['suspected_bug']})" if r["suspected_bug"] else
+                                                       " (consequence of the trained weights)"
+                                                       if r["evidence"].get("consequence_of_weights") else "")
         if r["passed"] and r["evidence"].get("layers_checked") == 0:
             status = "n/a (no BitLinear layers)"
         if r["passed"] and r["evidence"].get("not_applicable"):

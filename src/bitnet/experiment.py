@@ -1,0 +1,153 @@
+"""An experiment end to end: train (one model, or the ternary model and its full-precision twin
+side by side), then the diagnosis and the verdict. The train scripts call run_experiment()."""
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from . import plugged
+from .build import check_user_stack, with_data_bug
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
+from .distributed import is_main_process
+from .errors import TrainingError, stop_on_signals
+from .rundir import CKPT_NAME, METRICS_NAME, out_dir_lock, previous_checkpoint, write_json_atomic
+from .trainer import train
+
+
+def run_experiment(args, cfg, task, script: str, summarize, report, child_args: list[str] = (), conclude=None):
+    """Train, then diagnose, while holding OUT_DIR's lock (one run writes an OUT_DIR at a time; under
+    torchrun rank 0 holds it for all its processes).
+
+    Single run: train (with quantization health logged at each evaluation), write summary.json,
+    print `report(summary)`, then probes, detectors and the verdict.
+    --twin: run_twin() trains both models; then the side-by-side comparison and the verdict for
+    the pair go to OUT_DIR (summary.json, verdict.json, loss_curves.png, ...).
+    `summarize(result) -> dict` and `report(summary)` are the experiment's own; so is
+    `conclude({name: summary}, verdict) -> dict`, the last word printed, when given.
+    """
+    if args.twin and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--twin runs its two models as two plain processes; under torchrun train one model "
+                         "per job (--quant ternary, then --quant none)")
+    task = with_data_bug(task, cfg)  # the self-test's data bugs only
+    with out_dir_lock(args.out_dir) if is_main_process() else contextlib.nullcontext():
+        if args.twin:
+            return run_pair(args, cfg, task, script, report, child_args, conclude)
+        return run_one(args, cfg, task, summarize, report, conclude)
+
+
+def run_one(args, cfg, task, summarize, report, conclude=None) -> dict:
+    """One model: train it, write summary.json, then (unless it is a twin's child) the verdict."""
+    tracker = QuantHealthTracker(lambda: task.get_batch(0, 8)) if cfg.quant == "ternary" else None
+    resume = previous_checkpoint(os.path.join(args.out_dir, CKPT_NAME)) if args.resume_from_previous else args.resume
+    with stop_on_signals():  # SIGTERM/SIGINT: save a checkpoint after the current step, exit 143/130
+        result = train(cfg, task, args.out_dir, device=args.device, resume=resume, quiet=args.quiet, on_eval=tracker)
+    if not is_main_process():  # under torchrun rank 0 alone writes the summary and the verdict
+        return {"summary": None}
+    summary = summarize(result)
+    write_json_atomic(os.path.join(args.out_dir, "summary.json"), summary)
+    if args.no_verdict:  # a twin's child: the parent reports both runs together
+        return {"summary": summary}
+    report(summary)
+    model = result["model"].eval()
+    verdict = diagnose_run(model, result["history"], out_dir=args.out_dir,
+                           metrics_paths={cfg.quant: os.path.join(args.out_dir, METRICS_NAME)},
+                           learning_kwargs=task.learning_kwargs, task=task,
+                           stack={"parts": plugged.parts(cfg), "twin": None} if plugged.parts(cfg) else None,
+                           **task.diagnosis_inputs(model))
+    outcome = conclude({cfg.quant: summary}, verdict) if conclude else {}
+    return {"summary": summary, "verdict": verdict, **outcome}
+
+
+def run_pair(args, cfg, task, script: str, report, child_args=(), conclude=None) -> dict:
+    """The ternary model and its twin (run_twin), then the comparison and one verdict for the pair."""
+    if plugged.parts(cfg):  # the user's code fails here, in one line, rather than in both children
+        check_user_stack(cfg)
+    # the children get the preset chosen here, so they neither choose nor announce it again
+    summaries = run_twin(script, sys.argv[1:], args.out_dir, [*child_args, "--preset", args.preset])
+    for name in ("ternary", "fp"):
+        report(summaries[name])
+    runs = {name: os.path.join(args.out_dir, name) for name in ("ternary", "fp")}
+    model = model_from_checkpoint(load_checkpoint(runs["ternary"]))
+    twin = plugged.twin_kind(model_from_checkpoint(load_checkpoint(runs["fp"])))
+    histories = {name: read_metrics(os.path.join(d, METRICS_NAME))[1] for name, d in runs.items()}
+    table, comparison = compare_twins(histories["ternary"], histories["fp"], task.milestones(), task.metric_keys)
+    print(f"\n=== ternary vs full-precision twin (same config, seed and data order) ===\ntwin: {twin}\n{table}")
+    stack = {"parts": plugged.parts(cfg), "twin": twin}
+    verdict = diagnose_run(model, histories["ternary"], histories["fp"], out_dir=args.out_dir,
+                           metrics_paths={"ternary": os.path.join(runs["ternary"], METRICS_NAME),
+                                          "fp twin": os.path.join(runs["fp"], METRICS_NAME)},
+                           learning_kwargs=task.learning_kwargs, stack=stack, task=task,
+                           **task.diagnosis_inputs(model))
+    outcome = conclude(summaries, verdict) if conclude else {}
+    write_json_atomic(os.path.join(args.out_dir, "summary.json"),
+                      {"ternary": summaries["ternary"], "fp": summaries["fp"], "comparison": comparison,
+                       "twin": twin, "plugged": stack["parts"], "your_stack": verdict.get("your_stack"),
+                       "verdict": verdict["verdict"], "suspected_bugs": verdict["suspected_bugs"], **outcome})
+    return {"summaries": summaries, "comparison": comparison, "verdict": verdict, "twin": twin, **outcome}
+
+
+def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] = ()) -> dict[str, dict]:
+    """Train the ternary model and its full-precision twin at once: same config, seed and data
+    order (batches are a function of seed and step), one process each, so on a 2-core CPU the
+    pair takes the wall time of one run. The ternary run prints live; the twin logs to a file.
+    Returns {"ternary": summary, "fp": summary} read from each run's summary.json.
+    """
+    argv = [a for a in argv if a != "--twin"] + ["--no-verdict", *child_args]
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    procs, pumps = {}, []
+    for name, quant in (("ternary", "ternary"), ("fp", "none")):
+        sub = os.path.join(out_dir, name)
+        os.makedirs(sub, exist_ok=True)
+        # argparse keeps the last occurrence of a flag, so these override anything in argv
+        cmd = [sys.executable, script, *argv, "--quant", quant, "--out-dir", sub, "--threads", str(threads)]
+        log = open(os.path.join(sub, "train.log"), "w")
+        live = name == "ternary"
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if live else log, text=True, bufsize=1)
+        procs[name] = (proc, log)
+
+        def pump(p=proc, f=log, echo=live):
+            for line in p.stdout:
+                f.write(line)
+                f.flush()
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        pumps.append(t)
+    print(f"twin run: ternary and full-precision models training side by side, {threads} thread(s) each; "
+          f"the fp twin logs to {os.path.join(out_dir, 'fp', 'train.log')}", flush=True)
+    def forward(signum, frame):  # SIGTERM/SIGINT: both children save and stop (each ignores a repeat)
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    old_handlers = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for t in pumps:
+            t.join()
+        for proc, log in procs.values():
+            proc.wait()
+            log.close()
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+    failed = [f"{name} (exit {proc.returncode}, see {os.path.join(out_dir, name, 'train.log')})"
+              for name, (proc, _) in procs.items() if proc.returncode != 0]
+    if failed:
+        codes = {proc.returncode for proc, _ in procs.values() if proc.returncode != 0}
+        stopped = codes <= {130, 143}  # SIGINT/SIGTERM: each run saved its checkpoint
+        err = TrainingError(("twin run stopped (continue with --resume): " if stopped else "twin run failed: ")
+                            + "; ".join(failed))
+        err.exit_code = codes.pop() if len(codes) == 1 and codes <= {3, 130, 143} else 2  # both stopped alike: say so
+        raise err
+    summaries = {}
+    for name in procs:
+        with open(os.path.join(out_dir, name, "summary.json")) as f:
+            summaries[name] = json.load(f)
+    return summaries
