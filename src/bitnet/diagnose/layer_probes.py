@@ -18,7 +18,7 @@ The usual mistakes and the harmless conventions are fitted jointly, so a layer w
 faults gets every one named and a convention (a 128 grid, a per-row weight scale, scales applied
 after the matmul, a gradient scaled per tensor) is listed as a deviation, never as a bug.
 Each check returns `result(...)` (name, passed, evidence, suspected_bug) plus, when it names
-several, `problems` and `severity`, and `deviations` ({"problem", "measured"}); the names,
+several, `problems` and `severity`, and evidence["deviations"] ({"problem", "measured"}); the names,
 severities and fixes are those of problems.py.
 """
 import torch
@@ -552,6 +552,6 @@ def layer_deviations(checks: list[dict]) -> list[dict]:
     """The harmless conventions the checks list, each once ({"problem", "measured"}, first measure)."""
     seen = {}
     for c in checks:
-        for d in c.get("deviations", ()):
+        for d in c["evidence"].get("deviations") or ():
             seen.setdefault(d["problem"], d)
     return list(seen.values())

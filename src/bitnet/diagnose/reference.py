@@ -19,14 +19,15 @@ def result(name: str, passed: bool, evidence: dict, suspected_bug: str | None = 
 def named(name: str, evidence: dict, problems=(), deviations=()) -> dict:
     """A result that names several problems at once: it fails when one of them is fatal or
     harmful; `suspected_bug` is the worst, `problems` all of them (worst first), `severity` the
-    worst one's; deviations (harmless conventions, {"problem", "measured"}) never fail it."""
+    worst one's; deviations (harmless conventions, {"problem", "measured"}) go into
+    evidence["deviations"] and never fail it."""
     problems = sorted(dict.fromkeys(p for p in problems if not is_deviation(p)),
                       key=lambda p: SEVERITY_ORDER[severity_of(p)])
     out = result(name, not problems, evidence, problems[0] if problems else None)
     if problems:
         out.update(problems=problems, severity=severity_of(problems[0]))
     if deviations:
-        out["deviations"] = list(deviations)
+        evidence["deviations"] = list(deviations)
     return out
 
 
