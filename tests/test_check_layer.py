@@ -97,6 +97,7 @@ THIRD_PARTY = {
     "MaxScaleWeightLinear": ({"wrong_weight_scale"}, {}),
     "QuantizerModuleLinear": ({}, {}),
     "ModuleQuantizersLinear": ({"missing_rescale"}, {}),
+    "IntKernelConventionsLinear": ({}, {"act_grid_128", "per_row_weight_scale", "scales_after_matmul"}),
 }
 
 

@@ -68,6 +68,12 @@ def check_weight_operand(call: MatmulCall | None, latent: torch.Tensor) -> dict:
     if zero_share == 0.0 and want_zero_share > 0.05:
         return result(name, False, {**ev, "why": "two values +-c and no zeros"}, "binary_not_ternary")
     mismatched = float((torch.sign(b) != want).double().mean())
+    row_mean = w.abs().mean(dim=1, keepdim=True).clamp(min=1e-5)
+    if mismatched > 1e-3 and not mean_abs.dim():  # integer levels (one magnitude) in the per-row pattern?
+        row_mismatched = float((torch.sign(b) != (w / row_mean).round().clamp(-1, 1)).double().mean())
+        if row_mismatched <= 1e-3:
+            mean_abs, mismatched, ev["scale_per"] = row_mean, row_mismatched, "output row"
+            magnitude = b.abs().amax(dim=1, keepdim=True)
     ev["pattern_mismatch_share"] = mismatched
     if mismatched > 1e-3:
         return result(name, False, {**ev, "why": "ternary pattern differs from round(W/mean|W|)"},
@@ -328,6 +334,14 @@ def spread(factor) -> float:
     return float((factor.max() - factor.min()) / factor.abs().max().clamp(min=1e-30))
 
 
+def deviation_size(problem: str, u, w) -> float:
+    """How far the recipe's output moves with this one convention alone (relative, per token)."""
+    x_q, w_q = reference_activation_quant(u), reference_weight_quant(w)
+    changed = {"act_grid_128": lambda: F.linear(activation_quant_128(u), w_q),
+               "per_row_weight_scale": lambda: F.linear(x_q, reference_weight_quant_per_row(w))}[problem]()
+    return typical_error(changed, F.linear(x_q, w_q))
+
+
 def check_output(y, inputs: dict, w, bias, operands: dict, weight_check: dict) -> dict:
     """The output equals linear(per-token-quantized u, ternary weight) (+ bias), u being what the
     quantizer receives (`inputs`: the input, or the input through the layer's own modules).
@@ -354,9 +368,7 @@ def check_output(y, inputs: dict, w, bias, operands: dict, weight_check: dict) -
     if fits[-1]["error"] < 1e-3:
         best = fits[-1]
         ev = {"input": best["input"], "closest": best["candidate"], "relative_error": round(best["error"], 6)}
-        recipe_error = typical_error(y, F.linear(reference_activation_quant(inputs[best["input"]]),
-                                                 reference_weight_quant(w)))
-        deviations = [{"problem": p, "measured": {"output_vs_recipe": round(recipe_error, 6)}}
+        deviations = [{"problem": p, "measured": {"output_vs_recipe": round(deviation_size(p, inputs[best["input"]], w), 6)}}
                       for p in best["problems"] if is_deviation(p)]
         if operands.get("integer_levels"):
             deviations.append({"problem": "scales_after_matmul", "measured": operands["integer_levels"]})
@@ -424,6 +436,11 @@ def check_gradients(layer, weight, transposed, x, g, obs: Observation, u_fns: di
         want_d_w = [G.T @ A]
         if one_magnitude(B):
             accepted_w.append(float(B.abs().max()) / mean_abs)
+        else:  # one scale per row: B's row magnitude over the row's mean|W|, per row
+            row_scale = B.abs().amax(1, keepdim=True) / w.abs().mean(1, keepdim=True).clamp(min=1e-5)
+            want_d_w.append(row_scale * (G.T @ A))
+        if one_magnitude(B) and not one_magnitude(w.abs().mean(1)):  # integer levels in a per-row pattern
+            want_d_w.append((G.T @ A) / w.abs().mean(1, keepdim=True).clamp(min=1e-5))
         d_a = (G @ B).reshape(x.shape)
         a_max = A.reshape(x.shape).abs().amax(-1, keepdim=True)
         ev["from"] = "the matmul's own operands"
@@ -549,9 +566,10 @@ def layer_problems(checks: list[dict]) -> list[str]:
 
 
 def layer_deviations(checks: list[dict]) -> list[dict]:
-    """The harmless conventions the checks list, each once ({"problem", "measured"}, first measure)."""
+    """The harmless conventions the checks list, each once ({"problem", "measured"}), with what
+    every check measured of it."""
     seen = {}
     for c in checks:
         for d in c["evidence"].get("deviations") or ():
-            seen.setdefault(d["problem"], d)
+            seen.setdefault(d["problem"], {"problem": d["problem"], "measured": {}})["measured"].update(d["measured"])
     return list(seen.values())
