@@ -101,11 +101,13 @@ THIRD_PARTY = {
 }
 
 
+@pytest.mark.parametrize("shape", [[], ["--seed", "2", "--in-features", "64", "--out-features", "48"]],
+                         ids=["128x96", "64x48-seed2"])
 @pytest.mark.parametrize("name", THIRD_PARTY)
-def test_third_party_style_layers_are_judged_right(capsys, name):
+def test_third_party_style_layers_are_judged_right(capsys, name, shape):
     """Every fault named, none that is not there; a harmless convention listed as a deviation
-    (with its measure) and never making BROKEN."""
-    code, verdict, out = run(capsys, f"{FIXTURES}:{name}")
+    (with its measure) and never making BROKEN; the same on another shape and draw."""
+    code, verdict, out = run(capsys, f"{FIXTURES}:{name}", *shape)
     problems, deviations = THIRD_PARTY[name]
     assert set(verdict["problems"]) == set(problems) and len(verdict["problems"]) == len(problems)
     assert {d["problem"] for d in verdict["deviations"]} == set(deviations)
