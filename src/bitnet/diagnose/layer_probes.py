@@ -29,7 +29,7 @@ from .problems import DEVIATION, FATAL, HARMFUL, is_deviation, severity_of
 from .reference import (activation_quant_128, layer_normalized, named, on_int8_grid,  # noqa: F401 - result is re-exported
                         per_tensor_activation_quant, reference_activation_quant, reference_weight_quant,
                         reference_weight_quant_per_row, rel, result, rms_normalized, typical_error)
-from .watch import MatmulCall, Observation, observe, quiet_call
+from .watch import MatmulCall, Observation, captured_stdout, observe, quiet_call
 
 
 def near(a: float, b: float, tol: float = 1e-3) -> bool:
@@ -203,7 +203,7 @@ def own_input_modules(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -
         if module is layer or any(p is weight for p in module.parameters()):
             continue
         try:
-            u = first_tensor(quiet_call(module, x))
+            u = first_tensor(quiet_call(module, x.clone()))  # a copy: a module may work in place
         except Exception:  # not a module of the input (a projection of another shape, a container)
             continue
         if not torch.is_tensor(u) or u.shape != x.shape or not u.is_floating_point() or not torch.isfinite(u).all():
@@ -220,12 +220,18 @@ def own_input_modules(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -
     return found
 
 
+def module_output(module, t):
+    """module(t) on a copy of t (a module may work in place), its prints kept out of our output."""
+    with captured_stdout([]):
+        return first_tensor(module(t.clone()))
+
+
 def input_candidates(layer, x, weight, normalizes: bool) -> dict:
     """name -> function of x: what the quantizer may receive. The layer's own modules come first,
     then unit-gain norms (for a norm applied without a registered module) when the layer
     ignores its input's scale."""
     fns = {"input": lambda t: t}
-    fns.update({k: (lambda t, m=m: first_tensor(m(t))) for k, m in own_input_modules(layer, x, weight).items()})
+    fns.update({k: (lambda t, m=m: module_output(m, t)) for k, m in own_input_modules(layer, x, weight).items()})
     if normalizes:
         fns.update(NORMS)
     return fns
