@@ -23,12 +23,11 @@ severities and fixes are those of problems.py.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .problems import DEVIATION, FATAL, HARMFUL, is_deviation, severity_of
-from .reference import (activation_quant_128, layer_normalized, named, on_int8_grid,  # noqa: F401 - result is re-exported
-                        per_tensor_activation_quant, reference_activation_quant, reference_weight_quant,
-                        reference_weight_quant_per_row, rel, result, rms_normalized, typical_error)
+from .problems import is_deviation
+from .reference import (badness, deviation_size, fitted_factor, layer_normalized, missing_scales,  # noqa: F401
+                        named, on_int8_grid, output_candidates, reference_activation_quant, reference_weight_quant,
+                        rel, result, rms_normalized, spread, typical_error)  # result is re-exported
 from .watch import MatmulCall, Observation, captured_stdout, observe, quiet_call
 
 
@@ -247,105 +246,7 @@ def input_normalized(layer, x, y, bias) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The output, against the recipe and its usual mistakes, taken jointly
-
-
-def token_max(t):
-    return t.abs().amax(-1, keepdim=True).clamp(min=1e-5)
-
-
-def sign_scaled(u):  # XNOR-net style: sign(x) times mean|x| per token
-    return torch.sign(u) * u.abs().mean(-1, keepdim=True)
-
-
-# name -> (quantizer, problems, the scale it multiplies by (a rescale may be missing), or None)
-ACTIVATIONS = {
-    "int8 per token": (reference_activation_quant, (), lambda u: 127.0 / token_max(u)),
-    "128 grid": (activation_quant_128, ("act_grid_128",), lambda u: 128.0 / token_max(u)),
-    "int8 per tensor": (per_tensor_activation_quant, ("per_tensor_act_scale",), lambda u: 127.0 / u.abs().amax()),
-    "not rounded": (lambda u: u, ("act_not_rounded",), None),
-    "sign": (torch.sign, ("binary_activations",), None),
-    "sign * mean|x|": (sign_scaled, ("binary_activations",), None),
-}
-
-
-def weight_candidates(w):
-    mean_abs = w.abs().mean().clamp(min=1e-5)
-    return {"ternary": (reference_weight_quant(w), (), 1 / mean_abs),
-            "ternary per row": (reference_weight_quant_per_row(w), ("per_row_weight_scale",), None),
-            "binary": (torch.where(w >= 0, 1.0, -1.0).to(w) * mean_abs, ("binary_not_ternary",), 1 / mean_abs),
-            # BitNet b1's sign(W - mean W), still found in b1.58 code
-            "binary centred": (torch.sign(w - w.mean()) * mean_abs, ("binary_not_ternary",), 1 / mean_abs),
-            "not quantized": (w, ("weights_not_quantized",), None)}
-
-
-OUTPUT_QUANT = {"output quantized per token": (reference_activation_quant, ("quantizes_output",), "per token"),
-                "output quantized per tensor": (per_tensor_activation_quant,
-                                                ("quantizes_output", "per_tensor_act_scale"), "per tensor")}
-
-
-def output_candidates(w):
-    """(description, problems, make) for every way of combining an activation quantizer, a
-    weight quantizer and (instead of quantizing the input) a quantized output, as one layer often
-    holds several mistakes at once; make(u) -> (the product, {scale name: the scale it
-    multiplied in, which a missing rescale leaves in the output})."""
-    out = []
-    for w_name, (w_q, w_problems, w_scale) in weight_candidates(w).items():
-        for a_name, (quant, a_problems, a_scale) in ACTIVATIONS.items():
-            def make(u, w_q=w_q, w_scale=w_scale, quant=quant, a_scale=a_scale, a_name=a_name):
-                scales = {"weight scale 1/mean|W|": w_scale, f"activation scale ({a_name})": a_scale and a_scale(u)}
-                return F.linear(quant(u), w_q), {k: v for k, v in scales.items() if v is not None}
-            out.append((f"{a_name} x {w_name}", a_problems + w_problems, make))
-        for o_name, (quant, o_problems, per) in OUTPUT_QUANT.items():
-            def make(u, w_q=w_q, quant=quant, per=per):
-                plain = F.linear(u, w_q)
-                o_scale = 127.0 / (token_max(plain) if per == "per token" else plain.abs().amax())
-                return quant(plain), {f"output scale ({per})": o_scale}
-            out.append((f"{o_name} x {w_name}", o_problems + w_problems, make))
-    return out
-
-
-def badness(problems) -> int:
-    weight = {FATAL: 100, HARMFUL: 10, DEVIATION: 1}
-    return sum(weight[severity_of(p)] for p in problems)
-
-
-def fitted_factor(y, want):
-    """Per-token least-squares factor c with y ~ c * want, and the error left after it."""
-    y, want = y.reshape(-1, y.shape[-1]), want.reshape(-1, want.shape[-1])
-    factor = (y * want).sum(-1) / (want * want).sum(-1).clamp(min=1e-30)
-    return factor, typical_error(y, factor[:, None] * want)
-
-
-def per_token(scale, n: int) -> torch.Tensor:
-    """A scale (a number, or one per token) as one value per token."""
-    scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
-    return scale.expand(n) if scale.numel() == 1 else scale
-
-
-def missing_scales(factor, scales: dict) -> list[str] | None:
-    """The smallest set of the candidate's own scales whose product is the factor of every
-    token: the scales the layer multiplied in and never divided back out."""
-    names = list(scales)
-    for subset in [[n] for n in names] + [[a, b] for i, a in enumerate(names) for b in names[i + 1:]]:
-        want = torch.ones_like(factor)
-        for n in subset:
-            want = want * per_token(scales[n], factor.shape[0])
-        if bool(((factor - want).abs() <= 1e-2 * want.abs()).all()):
-            return subset
-    return None
-
-
-def spread(factor) -> float:
-    return float((factor.max() - factor.min()) / factor.abs().max().clamp(min=1e-30))
-
-
-def deviation_size(problem: str, u, w) -> float:
-    """How far the recipe's output moves with this one convention alone (relative, per token)."""
-    x_q, w_q = reference_activation_quant(u), reference_weight_quant(w)
-    changed = {"act_grid_128": lambda: F.linear(activation_quant_128(u), w_q),
-               "per_row_weight_scale": lambda: F.linear(x_q, reference_weight_quant_per_row(w))}[problem]()
-    return typical_error(changed, F.linear(x_q, w_q))
+# The output, against the recipe and its usual mistakes, taken jointly (reference.py's candidates)
 
 
 def check_output(y, inputs: dict, w, bias, operands: dict, weight_check: dict) -> dict:
