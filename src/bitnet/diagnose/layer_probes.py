@@ -287,16 +287,16 @@ def check_output(y, inputs: dict, w, bias, operands: dict, weight_check: dict) -
     if scaled:
         best = min(scaled, key=lambda f: (badness(f["problems"]), spread(f["factor"])))
         factor = best["factor"]
-        ev.update(input=best["input"], shape_matches=best["candidate"], output_over_it_min=float(factor.min()),
-                  output_over_it_max=float(factor.max()))
         missing = missing_scales(factor, best["scales"])
         if missing:
-            return named(name, {**ev, "why": "never divided back out: " + ", ".join(missing)},
-                         best["problems"] + ["missing_rescale"])
-        if best["input"] in NORMS:
-            return named(name, {**ev, "why": "normalized input has the wrong scale"},
-                         best["problems"] + ["wrong_norm_scale"])
-        return named(name, {**ev, "why": "output off by a factor"}, best["problems"] + ["wrong_weight_scale"])
+            why, problem = "never divided back out: " + ", ".join(missing), "missing_rescale"
+        elif best["input"] in NORMS:
+            why, problem = "normalized input has the wrong scale", "wrong_norm_scale"
+        else:
+            why, problem = "output off by a factor", "wrong_weight_scale"
+        ev = {"why": why, "shape_matches": best["candidate"], "input": best["input"],
+              "output_over_it_min": float(factor.min()), "output_over_it_max": float(factor.max()), **ev}
+        return named(name, ev, best["problems"] + [problem])
     closest = min(fits, key=lambda f: (f["error"], badness(f["problems"])))
     ev["closest"] = closest["candidate"]
     if closest["error"] < 1e-2 and any(not is_deviation(p) for p in closest["problems"]):
