@@ -14,7 +14,7 @@ import torch
 from bitnet import check_layer
 from bitnet.bitlinear import BitLinear
 from bitnet.bugs import BUGS
-from bitnet.diagnose.layer_probes import layer_problems, probe_layer
+from bitnet.diagnose.layer_probes import LAYER_CHECKS, layer_problems, probe_layer
 
 ORIGINAL_OPS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__)
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "third_party_layers.py")
@@ -115,6 +115,20 @@ def test_third_party_style_layers_are_judged_right(capsys, name, shape):
     assert code == (1 if problems else 0) and verdict["verdict"] == ("BROKEN" if problems else "OK")
     for p in problems:  # each name in the table with its severity, next to the evidence that measured it
         assert re.search(rf"FAIL .*{p} \((fatal|harmful)\)", out)
+    for d in deviations:  # a deviation in the table too
+        assert f"~{d} (deviation)" in out
+
+
+def test_every_check_keeps_the_result_shape_and_says_how_bad():
+    """The verdict reads name/passed/evidence/suspected_bug; a check that names several problems
+    also lists them all, worst first, with the worst one's severity."""
+    checks = probe_layer(load_fixture("SignNoRescaleLinear")(128, 96).double())
+    assert [c["name"] for c in checks] == list(LAYER_CHECKS)
+    assert all({"name", "passed", "evidence", "suspected_bug"} <= set(c) for c in checks)
+    output = checks[LAYER_CHECKS.index("output_matches_recipe")]
+    assert output["problems"][0] == output["suspected_bug"] == "missing_rescale" and output["severity"] == "fatal"
+    assert set(output["problems"]) == {"missing_rescale", "binary_activations", "binary_not_ternary"}
+    assert "weight scale 1/mean|W|" in output["evidence"]["why"]  # the measurement behind the name
 
 
 def trained_looking(layer, seed=3):
