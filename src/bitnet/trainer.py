@@ -119,8 +119,9 @@ def setup(cfg: BitNetConfig, task, out_dir: str, device: str, resume, on_eval, q
         source = run.ckpt_path if resume is True else str(resume)
         run.step, run.history, train_state = restore_run(source, cfg, task, model, run.opt, run.metrics_path,
                                                          on_eval, ctx)
-        if train_state.get("planned_max_steps"):  # a time-budgeted run keeps the plan it made
+        if train_state.get("planned_max_steps"):  # a time-budgeted run keeps the plan it made, and saves it again
             run.cfg = replace(cfg, max_steps=train_state["planned_max_steps"], time_budget_s=0.0)
+            run.planned = True
         run.keep_previous = source == run.ckpt_path  # a damaged ckpt.pt must not become the new "previous good" one
         log(f"resumed from {source} at step {run.step}")
     elif ctx.is_main and os.path.exists(run.metrics_path):
