@@ -12,7 +12,6 @@ then finish. What they share is one `Run`. The parts live beside it: build.py (m
 device), schedule.py (LR/WD, time budget), checkpoint.py (format, RNG, resume), rundir.py
 (atomic writes, file names), distributed.py (torchrun), errors.py (errors and signals).
 """
-import json
 import math
 import os
 import signal
@@ -29,7 +28,7 @@ from .checkpoint import checkpoint_contents, restore_run, save_checkpoint, seed_
 from .config_tiny import BitNetConfig
 from .errors import Interrupted, NonFiniteLoss, TrainingError, stop_requested
 from .plugged import parts, shown, twin_kind
-from .rundir import CKPT_NAME, METRICS_NAME, forget_metrics_after
+from .rundir import CKPT_NAME, METRICS_NAME, append_metrics, forget_metrics_after
 from .schedule import TimeBudget, apply_schedule, lr_and_wd
 from .train_signals import TrainingSignals
 
@@ -79,8 +78,7 @@ class Run:
     def record(self, entry: dict):
         """One line of metrics.jsonl (rank 0 alone writes it)."""
         if self.ctx.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_metrics(self.metrics_path, entry)
 
 
 def non_finite_error(what: str, value: float, step: int, cfg: BitNetConfig, bf16: bool, ckpt_path: str) -> NonFiniteLoss:
