@@ -37,8 +37,11 @@ def disk_trouble(e: BaseException) -> str | None:
     disk (an OSError, or torch's and safetensors' wrappers of one); None otherwise."""
     if isinstance(e, DiskFull) or not isinstance(e, Exception):
         return None
+    cause = e.__cause__ or e.__context__  # torch.save's RuntimeError holds the OSError it swallowed
     if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
         return DISK_ERRNOS[e.errno]
+    if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
+        return DISK_ERRNOS[cause.errno]
     return next((why for text, why in DISK_TEXTS.items() if text in str(e)), None)
 
 
