@@ -70,6 +70,22 @@ def make_optimizer(model: torch.nn.Module, cfg: BitNetConfig, device: torch.devi
                              fused=device.type == "cuda")
 
 
+def with_data_bug(task, cfg: BitNetConfig):
+    """The task, re-classed with the self-test's data bug when cfg.inject_bug is one (unshifted_labels,
+    bos_mismatch); unchanged otherwise."""
+    if not cfg.inject_bug:
+        return task
+    from .bugs import wrap_task
+    return wrap_task(task, cfg.inject_bug)
+
+
+def check_bug_name(name: str):
+    """An unknown --inject-bug NAME is a one-line ValueError listing the known ones."""
+    if name:
+        from .bugs import get_bug
+        get_bug(name)
+
+
 def check_user_stack(cfg: BitNetConfig):
     """Build the user's ternary model and optimizer once: a bad SPEC, a factory that raises or a
     wrong output shape is a one-line error before any training (and before a twin's two children)."""

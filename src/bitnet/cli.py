@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import torch
 
-from .build import pick_device
+from .build import check_bug_name, pick_device
 from .checkpoint import PLUG_DEFAULTS, load_checkpoint
 from .config_tiny import PRESETS
 from .errors import run_main  # noqa: F401 - the train scripts' wrapper, kept importable from here
@@ -162,9 +162,7 @@ def check_config(cfg):
         raise ValueError(f"learning_rate must be > 0, got {cfg.learning_rate}; pass e.g. --set learning_rate=3e-3")
     if not cfg.checkpoint_interval_s >= 0:
         raise ValueError(f"checkpoint_interval_s must be >= 0 seconds, got {cfg.checkpoint_interval_s}; e.g. --set checkpoint_interval_s=60")
-    if cfg.inject_bug:
-        from .bugs import get_bug  # the self-test only: an unknown name is a one-line error listing them
-        get_bug(cfg.inject_bug)
+    check_bug_name(cfg.inject_bug)
     if cfg.inject_bug and (cfg.linear_spec or cfg.model_spec):
         raise ValueError("--inject-bug swaps a bug into our own model; drop it with --linear/--model "
                          "(python -m bitnet.check_layer judges a layer alone)")

@@ -22,7 +22,7 @@ class BitNetConfig:
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     quant: str = "ternary"  # "ternary" (BitLinear) or "none" (the full-precision twin)
-    inject_bug: str = ""  # self-test only: see bitnet.diagnose.bugs.BUGS; "" = the correct stack
+    inject_bug: str = ""  # self-test only: see bitnet.bugs.ALL_BUGS; "" = the correct stack
     # --- a user's own stack (bitnet.plugged; the train scripts' --linear/--model/--optimizer/--path) ---
     # SPECs as `module:Name` or `/abs/path/file.py:Name`, kept so that a checkpoint rebuilds the same model
     linear_spec: str = ""  # class for every projection of our model: Class(in, out[, bias=False])

@@ -9,7 +9,7 @@ import sys
 import threading
 
 from . import plugged
-from .build import check_user_stack
+from .build import check_user_stack, with_data_bug
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
 from .distributed import is_main_process
@@ -32,9 +32,7 @@ def run_experiment(args, cfg, task, script: str, summarize, report, child_args: 
     if args.twin and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--twin runs its two models as two plain processes; under torchrun train one model "
                          "per job (--quant ternary, then --quant none)")
-    if cfg.inject_bug:  # the self-test's data bugs (unshifted_labels, bos_mismatch) re-class the task
-        from .bugs import wrap_task
-        task = wrap_task(task, cfg.inject_bug)
+    task = with_data_bug(task, cfg)  # the self-test's data bugs only
     with out_dir_lock(args.out_dir) if is_main_process() else contextlib.nullcontext():
         if args.twin:
             return run_pair(args, cfg, task, script, report, child_args, conclude)
