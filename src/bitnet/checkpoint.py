@@ -34,20 +34,20 @@ def save_checkpoint(obj: dict, path: str, keep_previous: bool = True):
     kept = (f"{path} still holds the last good checkpoint" if os.path.exists(path) else "no checkpoint was written yet")
     then = f"{kept}: free some space, then continue with --resume"
     try:
-        with atomic_path(path, "the checkpoint ", _tensor_bytes(obj), then) as tmp:
+        with atomic_path(path, "the checkpoint", _tensor_bytes(obj), then) as tmp:
             with open(tmp, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
             if keep_previous and os.path.exists(path):
-                with atomic_path(previous_checkpoint(path), "the previous checkpoint ", then=then) as prev_tmp:
+                with atomic_path(previous_checkpoint(path), "the previous checkpoint", then=then) as prev_tmp:
                     try:
                         os.link(path, prev_tmp)
                     except OSError:  # a filesystem without hard links
                         shutil.copyfile(path, prev_tmp)
         fsync_dir(os.path.dirname(path) or ".")
     except OSError as e:
-        raise_if_disk_full(e, "the checkpoint ", path, then=then)
+        raise_if_disk_full(e, "the checkpoint", path, then=then)
         raise TrainingError(f"could not write checkpoint {path} ({e.strerror or e}); fix the folder's permissions, "
                             f"then continue with --resume (the previous checkpoint is intact)") from None
 

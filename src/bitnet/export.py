@@ -190,7 +190,7 @@ def export(checkpoint: str, out_dir: str, packed: bool = False, linear_class: st
         written = sum(os.path.getsize(os.path.join(tmp, n)) for n in os.listdir(tmp) if n != WEIGHTS) \
             if os.path.isdir(tmp) else 0  # tokenizer and config files
         shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space reported is what there is
-        raise_if_disk_full(e, "the export ", out_dir, written + sum(v.numel() * v.element_size() for v in state.values()),
+        raise_if_disk_full(e, "the export", out_dir, written + sum(v.numel() * v.element_size() for v in state.values()),
                            whole=True, then="nothing was exported (the checkpoint is untouched): free some space and export again")
         raise
     finally:

@@ -28,7 +28,7 @@ def previous_checkpoint(path: str) -> str:
 def atomic_path(path: str, what: str = "", needs: int = 0, then: str = AFTER_DISK_FULL):
     """Yield a temporary path beside `path`; on success rename it over `path`, on failure remove it.
     A crash or a full disk never leaves half a file where a good one was. A full or failing disk
-    becomes DiskFull naming `what` (e.g. "the checkpoint "), `path`, and the `needs` bytes."""
+    becomes DiskFull naming `what` (e.g. "the checkpoint"), `path`, and the `needs` bytes."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         yield tmp
@@ -62,7 +62,7 @@ def raise_if_disk_full(e: BaseException, what: str, path: str, needs: int = 0, t
     except OSError:
         free = "free space unknown"
     need = f"it needs {'more than' if at_least else 'about'} {_size(needs)}, " if needs else ""
-    error = DiskFull(f"{why}: could not write {what}{path} ({need}{free}); {then}")
+    error = DiskFull(f"{why}: could not write {what + ' ' if what else ''}{path} ({need}{free}); {then}")
     error.why = why
     raise error from None
 
@@ -123,7 +123,7 @@ def append_metrics(path: str, entry: dict):
                 view = view[os.write(fd, view):]
         except OSError as e:
             os.ftruncate(fd, start)  # needs no space
-            raise_if_disk_full(e, "a line of ", path, len(data))
+            raise_if_disk_full(e, "a line of", path, len(data))
             raise
     finally:
         os.close(fd)
@@ -196,7 +196,7 @@ def out_dir_lock(out_dir: str):
         os.makedirs(out_dir, exist_ok=True)
         fd = _take_lock(lock_path)
     except OSError as e:
-        raise_if_disk_full(e, "the lock file ", lock_path, then="nothing else was written: free some space and run again")
+        raise_if_disk_full(e, "the lock file", lock_path, then="nothing else was written: free some space and run again")
         raise TrainingError(f"cannot write to --out-dir {out_dir} ({e.strerror or e}); "
                             f"choose a folder you can write to") from None
     if fd is None:

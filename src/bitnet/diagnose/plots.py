@@ -22,7 +22,7 @@ def _pyplot():
 def _save(plt, fig, out_png: str):
     """A whole PNG or none (a full disk is one line, see rundir.atomic_path)."""
     try:
-        with atomic_path(out_png, "the plot ") as tmp:
+        with atomic_path(out_png, "the plot") as tmp:
             fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
