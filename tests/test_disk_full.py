@@ -274,3 +274,33 @@ def test_readers_keep_working_while_a_run_writes(capsys, tmp_path):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_every_other_writer_names_a_full_disk(small_disk, tmp_path):
+    """Summary and verdict (write_json_atomic), plots, tokenizer and token cache on a disk with no room:
+    one line each naming what and where, and nothing left behind but empty folders."""
+    from bitnet.data_tinystories import build_token_cache, iter_stories, save_tokenizer, train_bpe
+    from bitnet.diagnose.plots import plot_loss_curves
+    from bitnet.errors import DiskFull
+    from bitnet.rundir import write_json_atomic
+
+    text = tmp_path / "train.txt"
+    text.write_text("".join(f"the cat {'sat ' * (i % 7)}on the mat.\n<|endoftext|>\n" for i in range(400)))
+    tok = train_bpe(iter_stories(str(text)), 280, show_progress=False)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"kind": "eval", "step": s, "val_loss": 3.0 / (s + 1)}) + "\n"
+                               for s in range(0, 50, 10)))
+    at = lambda name: os.path.join(small_disk, name)  # noqa: E731
+    writes = {"": lambda: write_json_atomic(at("summary.json"), {"history": list(range(5000))}),
+              "the plot": lambda: plot_loss_curves({"run": str(metrics)}, at("loss_curves.png")),
+              "the tokenizer": lambda: save_tokenizer(tok, at("tok")),
+              "the token cache": lambda: build_token_cache(str(text), tok, at("cache/train.bin"))}
+    fill(small_disk, 0)
+    for what, write in writes.items():
+        with pytest.raises(DiskFull) as caught:
+            write()
+        message = str(caught.value)
+        assert message.startswith("disk full: could not write ") and "\n" not in message, message
+        assert f"{what} {small_disk}" in message if what else f"write {at('summary.json')} (it needs" in message
+    left = [os.path.join(r, n) for r, _, files in os.walk(small_disk) for n in files]
+    assert left == [at("filler")]

@@ -2,6 +2,7 @@
 into one line on stderr and an exit code. A leaf: it imports nothing from the package."""
 import contextlib
 import errno
+import re
 import signal
 import sys
 import threading
@@ -23,12 +24,14 @@ class DiskFull(TrainingError):
     exit_code = 4
 
 
-# errnos of a full or failing disk, and the texts torch and safetensors wrap them in
+# errnos of a full or failing disk, and the texts torch, safetensors and numpy wrap them in
 # (torch.save: "[enforce fail at inline_container.cc:672] unexpected pos"; safetensors:
-# "SafetensorError: ... No space left on device (os error 28)")
+# "SafetensorError: ... No space left on device (os error 28)"; ndarray.tofile, an OSError
+# without an errno: "3997 requested and 0 written")
 DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error"}
 DISK_TEXTS = {"No space left on device": "disk full", "Disk quota exceeded": "disk quota exceeded",
               "Input/output error": "I/O error", "unexpected pos": "disk full (or an I/O error)"}
+SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 AFTER_DISK_FULL = "the last good checkpoint is kept: free some space, then run the same command again (--resume continues a run)"
 
 
@@ -42,6 +45,8 @@ def disk_trouble(e: BaseException) -> str | None:
         return DISK_ERRNOS[e.errno]
     if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
         return DISK_ERRNOS[cause.errno]
+    if isinstance(e, OSError) and SHORT_WRITE.search(str(e)):
+        return "disk full (or an I/O error)"
     return next((why for text, why in DISK_TEXTS.items() if text in str(e)), None)
 
 

@@ -58,9 +58,12 @@ def raise_if_disk_full(e: BaseException, what: str, path: str, needs: int = 0, t
     if why is None:
         return
     try:
-        free = f"{_size(shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free)} free there"
+        free_bytes = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        free = f"{_size(free_bytes)} free there"
     except OSError:
-        free = "free space unknown"
+        free_bytes, free = None, "free space unknown"
+    if why == "disk full (or an I/O error)" and free_bytes is not None and free_bytes < max(needs, 1):
+        why = "disk full"  # a wrapper that lost the errno, on a disk that is indeed full
     need = f"it needs {'more than' if at_least else 'about'} {_size(needs)}, " if needs else ""
     error = DiskFull(f"{why}: could not write {what + ' ' if what else ''}{path} ({need}{free}); {then}")
     error.why = why
