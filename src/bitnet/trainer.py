@@ -10,7 +10,6 @@ train() reads top to bottom: setup, then per step train_step, log_progress, repl
 budget) and after_step (evaluate, save, stop), then finish, all sharing one `Run`. The parts are
 in build.py, schedule.py, checkpoint.py, rundir.py, distributed.py and errors.py.
 """
-import json
 import math
 import os
 import signal
@@ -27,7 +26,7 @@ from .checkpoint import checkpoint_contents, restore_run, save_checkpoint, seed_
 from .config_tiny import BitNetConfig
 from .errors import Interrupted, NonFiniteLoss, TrainingError, stop_requested
 from .plugged import parts, shown, twin_kind
-from .rundir import CKPT_NAME, METRICS_NAME, forget_metrics_after
+from .rundir import CKPT_NAME, METRICS_NAME, append_metrics, forget_metrics_after
 from .schedule import TimeBudget, apply_schedule, lr_and_wd
 from .train_signals import TrainingSignals
 
@@ -77,8 +76,7 @@ class Run:
     def record(self, entry: dict):
         """One line of metrics.jsonl (rank 0 alone writes it)."""
         if self.ctx.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_metrics(self.metrics_path, entry)
 
 
 def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: bool = False,
