@@ -21,6 +21,7 @@ import itertools
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .rundir import atomic_path
+from .rundir import atomic_path, raise_if_disk_full
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -214,7 +215,12 @@ def save_tokenizer(tok, out_dir: str):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=PAD,
                                    clean_up_tokenization_spaces=False)  # the cleanup would break round-trips
     tmp = f"{out_dir.rstrip('/')}.tmp.{os.getpid()}"
-    fast.save_pretrained(tmp)
+    try:
+        fast.save_pretrained(tmp)
+    except Exception as e:  # a full disk: one line, and no half-written folder left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(e, "the tokenizer", out_dir, then="free some space and run again")
+        raise
     os.makedirs(out_dir, exist_ok=True)
     for name in sorted(os.listdir(tmp), key=lambda n: n == "tokenizer.json"):
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
@@ -307,7 +313,7 @@ def build_token_cache(source, tok, path: str) -> int:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens; the uint16 cache holds at most 65,536")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     t0, n_tokens = time.time(), 1
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, "the token cache", then="free some space and run again") as tmp, open(tmp, "wb") as f:
         np.array([tok.token_to_id(EOT)], dtype=np.uint16).tofile(f)
         stories = tqdm(iter_stories(source), desc=f"tokenizing {source}", unit=" stories",  # delay: no bar for
                        file=sys.stderr, mininterval=2.0, leave=False, delay=2.0)  # a quick job or a bad file's error

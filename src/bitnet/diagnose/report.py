@@ -142,5 +142,5 @@ def main(argv=None):
         verdict = diagnose_checkpoint(args.checkpoint, write=args.write)
     except (TrainingError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # 4: disk full
     return verdict
