@@ -168,6 +168,14 @@ def test_a_trained_norm_inside_the_layer_is_part_of_the_reference(name, kwargs):
     assert checks[3]["evidence"]["input"].startswith("module ")  # fitted through the layer's own norm
 
 
+def test_transformers_autobitlinear_with_a_trained_rms_norm_is_ok(no_compile):
+    bitnet_integration = pytest.importorskip("transformers.integrations.bitnet")
+    layer = trained_looking(bitnet_integration.AutoBitLinear(128, 96, online_quant=True, bias=False,
+                                                             use_rms_norm=True).double())
+    checks = probe_layer(layer)
+    assert layer_problems(checks) == [] and checks[3]["evidence"]["input"] == "module rms_norm"
+
+
 def test_the_unit_gain_reference_is_not_what_passes_a_trained_norm():
     """The probe is not blind: the same layer with the norm's gain applied twice is no longer the
     recipe through its own norm, and says so."""
