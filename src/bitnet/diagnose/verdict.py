@@ -59,7 +59,7 @@ def faults_of(failed: list[dict]) -> tuple[list[dict], list[dict]]:
     from .layer_probes import LAYER_CHECKS
     named = [r for r in failed if r.get("suspected_bug")]
     explained = {e for r in named for e in EXPLAINS.get(r["suspected_bug"], ())}
-    if any(r["suspected_bug"] not in SYMPTOMS for r in named):
+    if any(r["suspected_bug"] not in SYMPTOMS and not is_deviation(r["suspected_bug"]) for r in named):
         explained |= SYMPTOMS
     faults, deviations = {}, {}
     for r in named:
