@@ -75,7 +75,7 @@ def main():
         return
     if args.all_bugs:
         plan = [(f"correct-seed{s}", ["--seed", str(s)]) for s in args.seeds]
-        plan += [(bug, ["--inject-bug", bug]) for bug in ALL_BUGS if not args.bugs or bug in args.bugs]
+        plan += [(bug, ["--inject-bug", bug]) for bug in (args.bugs or ALL_BUGS)]  # in the order asked
     elif args.pipeline:  # all runs of seed 1 first, then seed 2, ...: a cut-short table still covers every bug
         plan = [(name, [*(["--inject-bug", bug] if bug else []), "--seed", str(s)])
                 for s in args.seeds for bug in ["", *PIPELINE_BUGS]
