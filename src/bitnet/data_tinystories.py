@@ -235,7 +235,7 @@ def build_token_cache(source, tok, path: str) -> int:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens; the uint16 cache holds at most 65,536")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     t0, n_tokens = time.time(), 1
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, "the token cache", then="free some space and run again") as tmp, open(tmp, "wb") as f:
         np.array([tok.token_to_id(EOT)], dtype=np.uint16).tofile(f)
         stories = tqdm(iter_stories(source), desc=f"tokenizing {source}", unit=" stories",  # delay: no bar for
                        file=sys.stderr, mininterval=2.0, leave=False, delay=2.0)  # a quick job or a bad file's error

@@ -144,7 +144,7 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
         stopped = codes <= {130, 143}  # SIGINT/SIGTERM: each run saved its checkpoint
         err = TrainingError(("twin run stopped (continue with --resume): " if stopped else "twin run failed: ")
                             + "; ".join(failed))
-        err.exit_code = codes.pop() if len(codes) == 1 and codes <= {3, 130, 143} else 2  # both stopped alike: say so
+        err.exit_code = codes.pop() if len(codes) == 1 and codes <= {3, 4, 130, 143} else 2  # both stopped alike: say so
         raise err
     summaries = {}
     for name in procs:

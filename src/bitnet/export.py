@@ -30,7 +30,7 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import TrainingError, run_main
 from .model import BitNetDecoderLayer, BitNetForCausalLM
 from .packing import pack_model, pack_ternary, unpacked_state_dict
-from .rundir import write_json_atomic
+from .rundir import fsync_dir, fsync_files, raise_if_disk_full, remove_stale_temps, write_json_atomic
 from .tasks import codec_for, identity_of_tokenizer
 
 SIDECAR = "bitnet_tiny.json"
@@ -113,10 +113,15 @@ def export(checkpoint: str, out_dir: str, packed: bool = False, linear_class: st
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not os.path.isfile(os.path.join(out_dir, SIDECAR)):
             raise ValueError(f"{out_dir} exists and is not an earlier export; choose a new --out")
-    tmp = f"{out_dir.rstrip('/')}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # written whole into OUT.tmp.PID beside OUT, then renamed: no folder looks complete unless it is
+    out_dir = out_dir.rstrip("/")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    tmp = f"{out_dir}.tmp.{os.getpid()}"
+    state = export_state_dict(model, packed, linear_class)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        remove_stale_temps(parent, only=os.path.basename(out_dir))  # those of killed exports
         ids = codec_for(ckpt.get("task") or {}).save_pretrained(tmp)  # tokenizer files; the ids config.json names
         qcfg = quantization_config(cfg.quant, packed, linear_class)
         hf_config(cfg, ids, qcfg).save_pretrained(tmp)
@@ -126,15 +131,24 @@ def export(checkpoint: str, out_dir: str, packed: bool = False, linear_class: st
         write_json_atomic(config_path, hf)
         GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["stop"], pad_token_id=ids["pad"],
                          do_sample=False, max_new_tokens=ids["max_new_tokens"]).save_pretrained(tmp)
-        save_file(export_state_dict(model, packed, linear_class), os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         write_json_atomic(os.path.join(tmp, SIDECAR), {
             "format": SIDECAR_FORMAT, "source": os.path.abspath(checkpoint), "packed": packed,
             "linear_class": linear_class if qcfg else None, "config": asdict(cfg),
             "config_class": type(cfg).__name__, "task": ckpt.get("task") or {}, "step": ckpt.get("step", 0),
             "history": ckpt.get("history", [])})
+        fsync_files(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)  # a complete folder or none
+        fsync_dir(parent)
+    except Exception as e:
+        written = sum(os.path.getsize(os.path.join(tmp, n)) for n in os.listdir(tmp) if n != WEIGHTS) \
+            if os.path.isdir(tmp) else 0  # tokenizer and config files
+        shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space reported is what there is
+        raise_if_disk_full(e, "the export", out_dir, written + sum(v.numel() * v.element_size() for v in state.values()),
+                           whole=True, then="nothing was exported (the checkpoint is untouched): free some space and export again")
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

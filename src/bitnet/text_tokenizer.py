@@ -2,10 +2,12 @@
 in the layout transformers reads, loading it, and rebuilding it from a checkpoint's identity."""
 import itertools
 import os
+import shutil
 from typing import Iterable
 
 import numpy as np
 
+from .rundir import raise_if_disk_full
 from .taskkit import TextCodec
 
 EOT = "<|endoftext|>"  # before every document in training, so prompts start with it too
@@ -35,7 +37,12 @@ def save_tokenizer(tok, out_dir: str):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=PAD,
                                    clean_up_tokenization_spaces=False)  # the cleanup would break round-trips
     tmp = f"{out_dir.rstrip('/')}.tmp.{os.getpid()}"
-    fast.save_pretrained(tmp)
+    try:
+        fast.save_pretrained(tmp)
+    except Exception as e:  # a full disk: one line, and no half-written folder left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(e, "the tokenizer", out_dir, then="free some space and run again")
+        raise
     os.makedirs(out_dir, exist_ok=True)
     for name in sorted(os.listdir(tmp), key=lambda n: n == "tokenizer.json"):
         os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
