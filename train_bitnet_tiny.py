@@ -5,6 +5,7 @@
     python train_bitnet_tiny.py --out-dir runs/ts --tokenizer runs/ts/tokenizer     # stream the data from the hub
     python train_bitnet_tiny.py --dataset fineweb-edu --preset 200m --out-dir runs/fw --tokenizer runs/fw-tok
     python train_bitnet_tiny.py --preset 95m --out-dir runs/95m --dry-run   # the plan as one JSON line, nothing built
+    python train_bitnet_tiny.py --out-dir runs/mine --data my_loader.py:batches --data-kwargs '{"bs": 8}' ...  # yours vs ours
 
 The 12M seed config ("tiny") on a GPU, the smaller "tiny-cpu" preset otherwise. Many GPUs: the
 same command under `torchrun --standalone --nproc_per_node N` (see bitnet/distributed.py).
@@ -12,8 +13,10 @@ same command under `torchrun --standalone --nproc_per_node N` (see bitnet/distri
 import os
 
 from bitnet import data_fineweb
-from bitnet.cli import build_config, choose_preset, common_parser, dry_run, set_threads
+from bitnet.cli import add_user_data_args, build_config, choose_preset, common_parser, dry_run, set_threads
 from bitnet.data_tinystories import TinyStoriesTask, add_data_args, sources_from_args
+from bitnet.data_user import UserDataTask
+from bitnet.user_batches import RowStream, parse_kwargs
 from bitnet.errors import run_main
 from bitnet.experiment import run_experiment
 
@@ -26,7 +29,10 @@ def main():
     data_fineweb.add_data_args(p)
     p.add_argument("--tokenizer", metavar="DIR", help="folder holding tokenizer.json (default OUT_DIR/tokenizer)")
     p.add_argument("--cache-dir", help="where tokenized data is cached (default OUT_DIR/cache); safe to share")
+    add_user_data_args(p)
     args = p.parse_args()
+    if args.data and (args.twin or args.dataset != "tinystories"):
+        raise ValueError("--data compares your batches with our TinyStories ones on one model; drop --twin and --dataset")
     if choose_preset(args) and args.dry_run is None:
         print(f"preset {args.preset}: " + ("the 12M seed config on CUDA" if args.preset == "tiny" else
               "no CUDA GPU in use, so the smaller CPU config (about 30 minutes on 2 cores)"))
@@ -44,7 +50,12 @@ def main():
         if args.data_files:
             raise ValueError("--data-files is for --dataset fineweb-edu; TinyStories takes --data-dir or --train-file/--val-file")
         train_source, val_source = sources_from_args(args)
-        task = TinyStoriesTask(cfg, tokenizer_dir, train_source, val_source, cache_dir)
+        if args.data:  # your batches; our tokenizer, held-out text and scores
+            rows = RowStream(args.data, parse_kwargs(args.data_kwargs), cfg.spec_paths.split(os.pathsep) if cfg.spec_paths
+                             else (), cfg.max_position_embeddings)
+            task = UserDataTask(cfg, tokenizer_dir, train_source, val_source, cache_dir, rows)
+        else:
+            task = TinyStoriesTask(cfg, tokenizer_dir, train_source, val_source, cache_dir)
 
     def summarize(result):
         final = result["final"]
@@ -65,7 +76,7 @@ def main():
             print(f"\n{story}")
 
     run_experiment(args, cfg, task, os.path.abspath(__file__), summarize, report,
-                   child_args=["--tokenizer", tokenizer_dir, "--cache-dir", cache_dir])  # twin runs share both
+                   child_args=["--tokenizer", tokenizer_dir, "--cache-dir", cache_dir])  # twin/data runs share both
 
 
 if __name__ == "__main__":

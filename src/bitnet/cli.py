@@ -64,6 +64,15 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
     return p
 
 
+def add_user_data_args(p: argparse.ArgumentParser):
+    """--data: the TinyStories experiment on your own loader's batches beside ours (bitnet/data_user.py)."""
+    g = p.add_argument_group("your data loader (README, \"Check your own data\")")
+    g.add_argument("--data", metavar="SPEC", help="factory of your training batches (module:name or file.py:name, as "
+                                                  "for check_data): the same model trains on yours and on ours, "
+                                                  "scored in bits/byte on our held-out text")
+    g.add_argument("--data-kwargs", default="{}", metavar="JSON", help="keyword arguments for --data's factory")
+
+
 def parse_duration(text: str) -> float:
     """'90s', '9m', '1.5h' or plain seconds -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600}

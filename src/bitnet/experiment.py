@@ -12,6 +12,8 @@ from . import plugged
 from .build import check_user_stack, with_data_bug
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
+from .diagnose.rules import compare_data
+from .diagnose.verdict import format_results, judge_user_data
 from .distributed import is_main_process
 from .errors import TrainingError, stop_on_signals
 from .rundir import CKPT_NAME, METRICS_NAME, out_dir_lock, previous_checkpoint, write_json_atomic
@@ -36,6 +38,8 @@ def run_experiment(args, cfg, task, script: str, summarize, report, child_args: 
     with out_dir_lock(args.out_dir) if is_main_process() else contextlib.nullcontext():
         if args.twin:
             return run_pair(args, cfg, task, script, report, child_args, conclude)
+        if getattr(args, "data", None) and not args.no_verdict:
+            return run_data_pair(args, cfg, task, script, report, child_args)
         return run_one(args, cfg, task, summarize, report, conclude)
 
 
@@ -90,22 +94,56 @@ def run_pair(args, cfg, task, script: str, report, child_args=(), conclude=None)
     return {"summaries": summaries, "comparison": comparison, "verdict": verdict, "twin": twin, **outcome}
 
 
-def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] = ()) -> dict[str, dict]:
+TWIN_ARMS = (("ternary", ["--quant", "ternary"]), ("fp", ["--quant", "none"]))
+
+
+DATA_ARMS = (("ours", ["--data", ""]), ("yours", []))  # --data "": the child trains on our batches
+
+
+def run_data_pair(args, cfg, task, script: str, report, child_args=()) -> dict:
+    """--data: check_data's checks on the user's first batches, then the same model trained on our
+    batches and on theirs side by side (run_twin's machinery, arms "ours" and "yours"), both scored
+    in bits per byte on our held-out text; one verdict, whose part "data" names the loader's faults."""
+    checks = task.check_first_batches()
+    print("your batches, as check_data reads them:\n" + format_results(checks))
+    summaries = run_twin(script, sys.argv[1:], args.out_dir, [*child_args, "--preset", args.preset], arms=DATA_ARMS)
+    for name in ("ours", "yours"):
+        report(summaries[name])
+    runs = {name: os.path.join(args.out_dir, name) for name, _ in DATA_ARMS}
+    histories = {name: read_metrics(os.path.join(d, METRICS_NAME))[1] for name, d in runs.items()}
+    comparison = compare_data(histories["ours"], histories["yours"], cfg.warmup_steps)
+    print(f"\n=== your batches vs ours (same model, config and seed; bits/byte on our held-out text) ===\n"
+          f"{comparison['finding']}")
+    model = model_from_checkpoint(load_checkpoint(runs["yours"])).eval()
+    verdict = diagnose_run(model, histories["yours"], out_dir=args.out_dir, task=task,
+                           metrics_paths={name: os.path.join(d, METRICS_NAME) for name, d in runs.items()},
+                           learning_kwargs=task.learning_kwargs,
+                           amend=lambda probes, v: judge_user_data(v, probes, comparison, checks),
+                           **task.diagnosis_inputs(model))
+    write_json_atomic(os.path.join(args.out_dir, "summary.json"),
+                      {**summaries, "comparison": comparison, "data_checks": checks, "verdict": verdict["verdict"],
+                       "suspected_bugs": verdict["suspected_bugs"]})
+    return {"summaries": summaries, "comparison": comparison, "verdict": verdict}
+
+
+def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] = (),
+             arms=TWIN_ARMS) -> dict[str, dict]:
     """Train the ternary model and its full-precision twin at once: same config, seed and data
     order (batches are a function of seed and step), one process each, so on a 2-core CPU the
     pair takes the wall time of one run. The ternary run prints live; the twin logs to a file.
-    Returns {"ternary": summary, "fp": summary} read from each run's summary.json.
+    Returns {"ternary": summary, "fp": summary} read from each run's summary.json. `arms`, pairs of
+    (name, the child's own flags), runs other pairs the same way (run_data_pair: ours and yours).
     """
     argv = [a for a in argv if a != "--twin"] + ["--no-verdict", *child_args]
     threads = max(1, (os.cpu_count() or 2) // 2)
     procs, pumps = {}, []
-    for name, quant in (("ternary", "ternary"), ("fp", "none")):
+    for name, own_flags in arms:
         sub = os.path.join(out_dir, name)
         os.makedirs(sub, exist_ok=True)
         # argparse keeps the last occurrence of a flag, so these override anything in argv
-        cmd = [sys.executable, script, *argv, "--quant", quant, "--out-dir", sub, "--threads", str(threads)]
+        cmd = [sys.executable, script, *argv, *own_flags, "--out-dir", sub, "--threads", str(threads)]
         log = open(os.path.join(sub, "train.log"), "w")
-        live = name == "ternary"
+        live = name == arms[0][0]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if live else log, text=True, bufsize=1)
         procs[name] = (proc, log)
 
@@ -120,8 +158,9 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
         t = threading.Thread(target=pump, daemon=True)
         t.start()
         pumps.append(t)
-    print(f"twin run: ternary and full-precision models training side by side, {threads} thread(s) each; "
-          f"the fp twin logs to {os.path.join(out_dir, 'fp', 'train.log')}", flush=True)
+    quiet_arm = arms[-1][0]
+    print(f"{' and '.join(name for name, _ in arms)} training side by side, {threads} thread(s) each; "
+          f"{quiet_arm} logs to {os.path.join(out_dir, quiet_arm, 'train.log')}", flush=True)
     def forward(signum, frame):  # SIGTERM/SIGINT: both children save and stop (each ignores a repeat)
         for proc, _ in procs.values():
             if proc.poll() is None:

@@ -13,6 +13,7 @@ import torch
 from .data_arithmetic import ArithmeticTask
 from .data_fineweb import FineWebTask
 from .data_tinystories import TinyStoriesTask, foreign_text_codec
+from .data_user import UserDataTask
 from .taskkit import TextCodec, unigram_loss  # noqa: F401 - what a task of your own builds on
 
 
@@ -66,7 +67,7 @@ class TextFolder:
     codec = staticmethod(foreign_text_codec)
 
 
-for builtin in (ArithmeticTask, TinyStoriesTask, FineWebTask, TextFolder):
+for builtin in (ArithmeticTask, TinyStoriesTask, FineWebTask, UserDataTask, TextFolder):
     register(builtin)
 
 

@@ -97,6 +97,9 @@ PROBLEMS = {
                                                  "folding) so decode(encode(x)) == x"),
     "decode_mismatch": problem("data", HARMFUL, "make decode(encode(x)) == x: check the tokenizer's pre-tokenizer, "
                                                 "decoder and normalizer"),
+    "user_data_trains_worse": problem("data", HARMFUL, "run python -m bitnet.check_data --batches SPEC on your loader "
+                                                       "and fix what it names; compare your batches with ours "
+                                                       "(data_tinystories.py) row by row"),
 }
 
 

@@ -36,7 +36,7 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
                  out_dir: str | None = None, metrics_paths: dict[str, str] | None = None,
                  samples: list[str] | None = None, known_words: set[str] | None = None,
                  arithmetic_answers: list[str] | None = None, batch=None, log=print,
-                 learning_kwargs: dict | None = None, stack: dict | None = None, task=None) -> dict:
+                 learning_kwargs: dict | None = None, stack: dict | None = None, task=None, amend=None) -> dict:
     """Probes, detectors and verdict at the end of a run (what a train script calls).
 
     `history`/`twin_history`: the runs' evaluation dicts; `metrics_paths`: {label: metrics.jsonl}
@@ -45,6 +45,7 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     verdict["your_stack"], one line on what the run says about those parts (bitnet.plugged).
     `task`, when it scores teacher-forced and greedy answers (format_scores) and encodes its
     prompts for inference (prompt_token_pairs), lets the two train/inference format checks run.
+    `amend(probes, verdict) -> verdict` adds an experiment's own rule (--data: verdict.judge_user_data).
     """
     cfg = model.config
     probes = run_probes(model)
@@ -66,6 +67,7 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     baseline = (context_free_baseline(task.get_batch)["loss"] if twin and callable(getattr(task, "get_batch", None))
                 else None)
     verdict = make_verdict(probes, ternary, twin, detectors, baseline_loss=baseline)
+    verdict = amend(probes, verdict) if amend else verdict
     if stack:
         from ..plugged import stack_statement
         verdict["your_stack"] = {**stack, "statement": stack_statement(stack, verdict, history, twin_history)}

@@ -166,3 +166,28 @@ def conclude(summaries: dict[str, dict], verdict: dict, thresholds: dict) -> dic
     lines.append(f"OVERALL: {word}")
     print("\n".join(lines))
     return {"overall": word, "seed_criteria_met": seed_met, "bar_reached": s["bar"]}
+
+
+# The user's batches against ours (train_bitnet_tiny.py --data): the same model scored in bits per
+# byte on our held-out text. "Clearly worse" needs both margins, so noise between two short runs
+# of a correct loader (seeds, row order) never reads as a fault; judged after warm-up only.
+DATA_MARGIN_BPB = 0.1
+DATA_MARGIN_SHARE = 0.05
+
+
+def compare_data(ours: list[dict], yours: list[dict], warmup_steps: int) -> dict:
+    """Bits per byte of the model trained on the user's batches and of the one trained on ours, at
+    the last evaluation both made after warm-up; worse when higher by DATA_MARGIN_BPB and DATA_MARGIN_SHARE."""
+    ours_at = {e["step"]: e["bits_per_byte"] for e in ours if _finite(e.get("bits_per_byte"))}
+    both = [e for e in yours if e["step"] in ours_at and e["step"] > warmup_steps and "bits_per_byte" in e]
+    if not both:
+        return {"judged": False, "worse": False,
+                "finding": f"not judged: no evaluation of both runs after warm-up ({warmup_steps} steps); train longer"}
+    step, bpb = both[-1]["step"], both[-1]["bits_per_byte"]
+    base = ours_at[step]
+    gap = bpb - base if _finite(bpb) else math.inf
+    worse = gap > DATA_MARGIN_BPB and gap > DATA_MARGIN_SHARE * base
+    return {"judged": True, "worse": worse, "step": step, "ours_bpb": base, "yours_bpb": bpb, "gap_bpb": gap,
+            "finding": f"at step {step}: your batches {bpb:.3f} bits/byte, ours {base:.3f} ({gap:+.3f}, "
+                       f"{gap / base:+.0%}); " + ("clearly worse" if worse else "not clearly worse") +
+                       f" (worse means > {DATA_MARGIN_BPB} bits/byte and > {DATA_MARGIN_SHARE:.0%})"}

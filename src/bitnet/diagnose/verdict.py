@@ -190,6 +190,31 @@ def make_verdict(probes: list[dict], ternary_summary: dict, twin_summary: dict |
             "deviations": deviations, "evidence": evidence}
 
 
+def judge_user_data(verdict: dict, probes: list[dict], comparison: dict, checks: list[dict]) -> dict:
+    """The verdict of a run on the user's batches (train_bitnet_tiny.py --data), with part "data":
+    the problems check_data names on the first batches (their cause), and user_data_trains_worse
+    when those batches train clearly worse than ours (rules.compare_data) while every layer probe
+    passes (else the layer, not the data, is the suspect). Either makes it BROKEN."""
+    faults, deviations = faults_of([c for c in checks if not c["passed"]])
+    causes = [f["problem"] for f in faults]
+    if comparison.get("worse") and all(p["passed"] for p in probes):
+        faults.append({"part": "data", "problem": "user_data_trains_worse", "severity": severity_of("user_data_trains_worse"),
+                       "evidence": comparison["finding"] + (f"; check_data names {', '.join(causes)}" if causes else
+                                                            "; check_data names no cause"),
+                       "fix": PROBLEMS["user_data_trains_worse"]["fix"], "check": "user_data_vs_ours"})
+    evidence = {**verdict["evidence"], "data": {"comparison": comparison, "check_data_problems": causes}}
+    out = {**verdict, "evidence": evidence, "deviations": verdict["deviations"] + deviations}
+    if faults:
+        known = {f["problem"] for f in verdict["faults"]}
+        new = [f for f in faults if f["problem"] not in known]
+        reason = "; ".join(f"data: {f['problem']} ({f['severity']})" for f in new)
+        out.update(verdict="BROKEN", faults=verdict["faults"] + new,
+                   suspected_bugs=verdict["suspected_bugs"] + [f["problem"] for f in new],
+                   failed_checks=verdict["failed_checks"] + [f["check"] for f in new])
+        evidence["reason"] = reason + (f"; {verdict['evidence']['reason']}" if verdict["verdict"] == "BROKEN" else "")
+    return out
+
+
 def write_verdict(out_dir: str, verdict: dict) -> str:
     """OUT_DIR/verdict.json, written to a temporary file and renamed (never half a file)."""
     os.makedirs(out_dir, exist_ok=True)
