@@ -16,11 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LOADERS = str(ROOT / "tests" / "fixtures" / "data_loaders.py")
 STORIES = next((p / "shared" / "data" / "tinystories" for p in ROOT.parents
                 if (p / "shared" / "data" / "tinystories").is_dir()), Path("../shared/data/tinystories"))
-TINY = ["--preset", "tiny-cpu", "--set", "hidden_size=64", "--set", "intermediate_size=128",
-        "--set", "num_hidden_layers=2", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=4",
+TINY = ["--preset", "tiny-cpu", "--set", "hidden_size=48", "--set", "intermediate_size=96",
+        "--set", "num_hidden_layers=1", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=4",
         "--set", "compile=false", "--set", "dtype=fp32", "--set", "vocab_size=512",
         "--set", "max_position_embeddings=64", "--set", "batch_size=16", "--set", "warmup_steps=10",
-        "--set", "eval_tokens=4096", "--set", "sample_tokens=8", "--set", "eval_interval=50", "--quiet"]
+        "--set", "eval_tokens=2048", "--set", "sample_tokens=8", "--set", "eval_interval=40", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def corpus(tmp_path_factory):
     return out
 
 
-def train(corpus, out, loader, steps=150, extra=()):
+def train(corpus, out, loader, steps=80, extra=()):
     kwargs = json.dumps({"tokenizer": str(corpus / "tok" / "tokenizer.json"), "text": str(corpus / "train.txt"),
                          "batch_size": 16})
     cmd = [sys.executable, str(ROOT / "train_bitnet_tiny.py"), "--out-dir", str(out), *TINY,
@@ -86,7 +86,7 @@ def test_a_correct_loader_is_not_broken_and_its_checkpoint_works_in_the_tools(co
 
 def test_packing_without_separators_is_named_before_training(corpus, tmp_path):
     """A fault too mild to show in a short run is still named: check_data reads the first batches."""
-    proc = train(corpus, tmp_path / "run", "packed_no_separator", steps=20)
+    proc = train(corpus, tmp_path / "run", "packed_no_separator", steps=10)
     assert proc.returncode == 0, proc.stderr[-3000:]
     verdict = json.loads((tmp_path / "run" / "verdict.json").read_text())
     assert verdict["verdict"] == "BROKEN" and "no_document_separator" in data_faults(verdict)

@@ -207,11 +207,10 @@ def judge_user_data(verdict: dict, probes: list[dict], comparison: dict, checks:
     if faults:
         known = {f["problem"] for f in verdict["faults"]}
         new = [f for f in faults if f["problem"] not in known]
-        reason = "; ".join(f"data: {f['problem']} ({f['severity']})" for f in new)
-        out.update(verdict="BROKEN", faults=verdict["faults"] + new,
-                   suspected_bugs=verdict["suspected_bugs"] + [f["problem"] for f in new],
+        every = sorted(verdict["faults"] + new, key=lambda f: SEVERITY_ORDER[f["severity"]])  # causes first
+        out.update(verdict="BROKEN", faults=every, suspected_bugs=[f["problem"] for f in every],
                    failed_checks=verdict["failed_checks"] + [f["check"] for f in new])
-        evidence["reason"] = reason + (f"; {verdict['evidence']['reason']}" if verdict["verdict"] == "BROKEN" else "")
+        evidence["reason"] = "; ".join(f"{f['part']}: {f['problem']} ({f['severity']})" for f in every)
     return out
 
 
