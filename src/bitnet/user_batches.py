@@ -36,13 +36,18 @@ def parse_kwargs(text: str) -> dict:
     return kwargs
 
 
+def one_line(e: Exception) -> ValueError:
+    """check_data's error for a loader, in the train script's words."""
+    return ValueError(str(e).replace("with --kwargs JSON", "with --data-kwargs JSON"))
+
+
 def open_user_data(spec: str, kwargs: dict, paths, max_batches: int = 50):
     """(batches, convention) of the first batches of the user's loader: a bad SPEC, a factory that
     fails or batches that cannot be read raise one-line ValueErrors."""
     try:
         return load(spec, paths, kwargs, max_batches, "--data")
     except (SpecError, DataError) as e:
-        raise ValueError(str(e)) from None
+        raise one_line(e) from None
 
 
 def data_checks_of(task, batches, convention: str) -> list[dict]:
@@ -86,7 +91,7 @@ class RowStream:
         try:
             loader = open_loader(resolve_spec(self.spec, self.paths), self.kwargs, f"--data {self.spec}")
         except (SpecError, DataError) as e:
-            raise ValueError(str(e)) from None
+            raise one_line(e) from None
         self.it, self.pending, self.pos, self.epoch_start = iter(loader), [], pos, pos
 
     def next_row(self):
