@@ -67,7 +67,41 @@ PROBLEMS = {
                                                "model shifts internally)"),
     "train_inference_mismatch": problem("data", HARMFUL, "format inference prompts exactly as training sequences "
                                                          "(the same BOS and special tokens, the same spacing)"),
+    # a trained model and its inference path (check_model)
+    "generation_mismatch": problem("inference", FATAL, "make generate() agree with one full forward: cache positions "
+                                                       "start at the cache length, and the next token comes from "
+                                                       "logits[:, -1]"),
+    "inference_not_deterministic": problem("inference", HARMFUL, "call model.eval() before generating (dropout off) "
+                                                                 "and take argmax for greedy decoding"),
+    "newline_lost": problem("tokenizer", HARMFUL, "use a tokenizer that keeps whitespace (byte-level BPE with a "
+                                                  "ByteLevel decoder), not a Whitespace pre-tokenizer"),
+    "decode_adds_spaces": problem("tokenizer", HARMFUL, "give the tokenizer the decoder matching its pre-tokenizer "
+                                                        "(e.g. decoders.ByteLevel()), so decode does not join tokens "
+                                                        "with spaces"),
+    "lossy_normalizer": problem("tokenizer", HARMFUL, "drop the normalizer that changes the text (lower-casing, "
+                                                      "Unicode folding)"),
+    "unk_tokens": problem("tokenizer", HARMFUL, "use a byte-level tokenizer, or one whose vocabulary covers the text"),
+    "decode_mismatch": problem("tokenizer", HARMFUL, "make decode(encode(x)) == x for the tokenizer you train and "
+                                                     "sample with"),
+    "dead_layer": problem("weights", HARMFUL, "find why the layer's weights went to zero (its learning rate, decay, "
+                                              "or a layer left out of the optimizer)"),
+    "one_sign_layer": problem("weights", HARMFUL, "check the layer's init and updates: ternary weights of one sign "
+                                                  "carry almost no information"),
+    "collapsed_weights": problem("optimizer", FATAL, "use torch.optim.AdamW (decoupled weight decay); L2 decay added "
+                                                     "to the gradient (Adam(weight_decay=...)) collapses the latent "
+                                                     "weights"),
+    "activation_outliers": problem("model", HARMFUL, "normalise the input of every quantized layer (a sub-norm "
+                                                     "before it), so a few outliers do not zero the int8 grid"),
+    "inverted_weight_scale": problem("export", FATAL, "store weight_scale = mean|W| for a layer that multiplies by "
+                                                      "it (1/mean|W| only for one that divides by it)"),
+    "packed_weights_differ": problem("export", FATAL, "pack q = round(W / mean|W|).clamp(-1, 1) of the trained "
+                                                      "latent weights, with their own mean|W|"),
+    "loss_above_bigram": problem("training", FATAL, "fix training first: a model worse than a bigram of its own "
+                                                    "text learned nothing beyond token pairs"),
+    "loss_above_expected": problem("training", HARMFUL, "compare with a run of the same size on the same data; "
+                                                        "check learning rate, schedule and data before scaling"),
 }
+
 
 
 def severity_of(name: str) -> str:
