@@ -65,6 +65,13 @@ def check_generation(model, generate, prompts: list[list[int]], n_new: int, stop
     full forward (eval mode) over prompt + continuation. A differing position is forgiven only when
     the two candidates' logits tie within float noise."""
     findings, outputs, first_diff, compared = [], [], None, 0
+    x = torch.tensor([prompts[0]])
+    drift = float((forward_logits(model, x) - forward_logits(model, x)).abs().max())
+    if drift > 1e-5:  # the model as the user hands it over is random: dropout on (no eval())
+        findings.append({"name": "inference_not_deterministic", "where": "model mode (eval() not called)",
+                         "evidence": f"two forwards of the same prompt differ by up to {drift:.3g} in the logits "
+                                     f"(model.training={model.training}): dropout is on at inference"})
+        return findings, {"compared_tokens": 0}, [list(generate(prompts[0], n_new))[len(prompts[0]):]]
     for ids in prompts:
         a, b = list(generate(ids, n_new)), list(generate(ids, n_new))
         new_a, new_b = a[len(ids):], b[len(ids):]
@@ -124,10 +131,10 @@ def doc_losses(model, seqs: list[list[int]], score_from: list[int], batch_size: 
 
 
 def check_prompt_format(model, docs: list[str], train_view, infer_view, show, first_tokens: int = 8,
-                        max_gap: float = 0.5, max_docs: int = 200) -> tuple[list, dict]:
+                        max_gap: float = 0.2, max_docs: int = 200) -> tuple[list, dict]:
     """Score the first tokens of each document twice: encoded as training saw it (train_view) and as
     the inference path encodes a prompt (infer_view). Both views end in the same document tokens;
-    only the tokens in front differ. A mean gap > 0.5 nats on the first 8 tokens names
+    only the tokens in front differ. A mean gap > 0.2 nats on the first 8 tokens names
     train_inference_mismatch and quotes the differing prefixes."""
     docs = [d for d in docs if d.strip()][:max_docs]
     pairs = [(train_view(d), infer_view(d)) for d in docs]
@@ -219,7 +226,8 @@ def ternary_stats(w: torch.Tensor) -> dict:
     rms = float(w.square().mean().sqrt())
     return {"zero": float((q == 0).float().mean()), "plus": float((q > 0).float().mean()),
             "minus": float((q < 0).float().mean()), "rms": rms, "rms_x_sqrt_fan_in": rms * math.sqrt(w.shape[-1]),
-            "tiny_share": float((w.abs() < 1e-5).float().mean())}
+            # exact zeros of a 2-bit layer are its codes, not collapse: only a latent weight has many values
+            "tiny_share": float((w.abs() < 1e-5).float().mean()) if w.flatten()[:4096].unique().numel() > 3 else 0.0}
 
 
 COLLAPSED_SIZE = 0.05  # RMS x sqrt(fan_in); correct runs here stay at 0.3-1, coupled L2 drives it to < 0.05
@@ -258,10 +266,10 @@ def check_weights(layers: list[tuple[str, torch.Tensor]], optimizer_hint: str = 
 
 @torch.no_grad()
 def check_activations(model, modules: list[tuple[str, nn.Module]], batch: torch.Tensor,
-                      max_zero_share: float = 0.5) -> tuple[list, dict]:
+                      max_zero_share: float = 0.9) -> tuple[list, dict]:
     """On real text, the input of each quantized layer on its per-token int8 grid: when outliers set
-    absmax, most non-zero entries round to 0. Over 50% names activation_outliers (a Gaussian input
-    loses ~1%, a squared ReLU's ~13%)."""
+    absmax, most non-zero entries round to 0. Over 90% names activation_outliers (a Gaussian input
+    loses ~1%; the squared-ReLU input of our down_proj up to ~55% in a correct run, so the bar is high)."""
     shares, hooks = {}, []
 
     def hook(name):
