@@ -199,13 +199,18 @@ def prompt_of(doc: str) -> str:
 
 
 def judge(s: Subject, docs: list[str], n_new: int = 24, max_tokens: int = 100_000) -> dict:
+    with torch.no_grad(), trained.quantized_once(s.model):
+        return run_checks(s, docs, n_new, max_tokens)
+
+
+def run_checks(s: Subject, docs: list[str], n_new: int, max_tokens: int) -> dict:
     rows, findings, out = [], [], {"val_loss": None, "bits_per_byte": None, "expected_loss": None}
 
     def record(check, found, evidence):
         rows.append((check, "FAIL" if found else "ok", evidence))
         findings.extend(found)
 
-    prompts = [s.encode_prompt(prompt_of(d)) for d in docs[:4]]
+    prompts = [s.encode_prompt(prompt_of(d)) for d in docs[:3]]
     found, ev, samples = trained.check_generation(s.model, s.generate, prompts, n_new, s.stop_id)
     nondet = [f for f in found if f["name"] == "inference_not_deterministic"]
     record("determinism", nondet, "two greedy calls agree" if not nondet else nondet[0]["evidence"])

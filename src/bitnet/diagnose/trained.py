@@ -34,6 +34,26 @@ def context_length(model: nn.Module, default: int = 256) -> int:
     return default
 
 
+class quantized_once:
+    """Inside, each of our BitLinear layers quantizes its weight once instead of in every forward:
+    the same numbers (weight_quant of the same latent), without re-deriving them ~200 times over
+    a check. Other layers, the user's included, run as they are."""
+
+    def __init__(self, model: nn.Module):
+        from ..bitlinear import BitLinear
+        self.layers = [m for m in model.modules() if type(m) is BitLinear]
+
+    def __enter__(self):
+        from ..bitlinear import activation_quant, weight_quant
+        for m in self.layers:
+            w = weight_quant(m.weight.detach())
+            m.forward = lambda x, w=w: F.linear(activation_quant(x), w.to(x.dtype))
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            del m.forward  # back to the class's forward
+
+
 class eval_mode:
     """Score the trained model, not its dropout: eval() inside, the caller's mode restored after."""
 
@@ -111,22 +131,21 @@ def check_generation(model, generate, prompts: list[list[int]], n_new: int, stop
 
 
 @torch.no_grad()
-def doc_losses(model, seqs: list[list[int]], score_from: list[int], batch_size: int = 16) -> list[torch.Tensor]:
+def doc_losses(model, seqs: list[list[int]], score_from: list[int], batch_size: int = 32) -> list[torch.Tensor]:
     """Per-token next-token losses of each sequence from position score_from[i] on (the first
-    scored target is seqs[i][score_from[i]]). Sequences are batched by length, so no padding."""
+    scored target is seqs[i][score_from[i]]). Rows are right-padded, which a causal model never
+    sees from the positions before the padding."""
     out = [None] * len(seqs)
-    by_len = {}
-    for i, s in enumerate(seqs):
-        by_len.setdefault(len(s), []).append(i)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     with eval_mode(model):
-        for length, idxs in by_len.items():
-            for k in range(0, len(idxs), batch_size):
-                chunk = idxs[k:k + batch_size]
-                x = torch.tensor([seqs[i] for i in chunk])
-                logits = forward_logits(model, x[:, :-1])
-                nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(len(chunk), -1)
-                for row, i in enumerate(chunk):
-                    out[i] = nll[row, max(score_from[i] - 1, 0):]
+        for k in range(0, len(order), batch_size):
+            chunk = order[k:k + batch_size]
+            width = max(len(seqs[i]) for i in chunk)
+            x = torch.tensor([seqs[i] + [0] * (width - len(seqs[i])) for i in chunk])
+            logits = forward_logits(model, x[:, :-1])
+            nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none").view(len(chunk), -1)
+            for row, i in enumerate(chunk):
+                out[i] = nll[row, max(score_from[i] - 1, 0):len(seqs[i]) - 1]
     return out
 
 
