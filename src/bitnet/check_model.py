@@ -147,7 +147,10 @@ def user_generate(fn, model):
 
 def from_spec(args, notes: list) -> Subject:
     factory = resolve_spec(args.model, args.path)
-    model = factory() if callable(factory) else factory
+    try:
+        model = factory() if callable(factory) else factory
+    except Exception as e:  # the user's loader failed: say where, in one line
+        raise InputError(f"--model {args.model} raised {type(e).__name__}: {str(e).strip()[:200]}") from None
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"--model {args.model} returned {type(model).__name__}, not an nn.Module; give a "
                          f"function that returns your trained model")

@@ -124,7 +124,8 @@ def check_generation(model, generate, prompts: list[list[int]], n_new: int, stop
         d = first_diff
         findings.append({"name": "generation_mismatch", "where": "generate (cache / positions / logits slice)",
                          "evidence": f"new token {d['new_token']} after a {d['prompt_tokens']}-token prompt: generate "
-                                     f"gave id {d['generated']}, the full forward's argmax is id {d['forward_argmax']}"})
+                                     f"gave id {d['generated']}, the full forward's argmax is id "
+                                     f"{d['forward_argmax']}"})
     return findings, {"compared_tokens": compared, "first_difference": first_diff}, outputs
 
 # ----------------------------------------------------------------------------- 3: prompt format vs training
@@ -340,7 +341,8 @@ def check_packed_scales(packed_layers: dict, latent: dict) -> tuple[list, dict]:
     if codes_differ:
         findings.append({"name": "packed_weights_differ", "where": f"{len(codes_differ)} packed layers "
                                                                     f"(first {codes_differ[0]})",
-                         "evidence": "the 2-bit codes or scales are not the absmean quantization of the latent weights"})
+                         "evidence": "the 2-bit codes or scales are not the absmean quantization of the "
+                                     "latent weights"})
     return findings, {"compared_layers": compared}
 
 # ----------------------------------------------------------------------------- 6: where the loss stands
