@@ -224,12 +224,12 @@ def run_checks(s: Subject, docs: list[str], n_new: int, max_tokens: int) -> dict
     record("prompt encoding vs training", found, ev.get("note") or f"gap {ev['gap_nats']:+.2f} nats on first tokens")
     found, ev = trained.check_tokenizer_roundtrip(s.encode_plain, s.decode, docs, s.unk_id, s.normalize)
     record("tokenizer round trip", found, f"{ev['exact']}/{ev['documents']} documents exact")
+    token_docs = [s.encode_plain(d) for d in docs]
+    context = trained.context_length(s.model)
     layers = quantized_modules(s.model)
     found, ev = trained.check_weights([(n, w) for n, w in layer_weights(layers, s)], s.optimizer_hint)
     record("trained weights", found, f"{ev['layers']} quantized layers" + (
         f", ternary zeros {ev['zero_share_range'][0]:.0%}-{ev['zero_share_range'][1]:.0%}" if ev["layers"] else ""))
-    token_docs = [s.encode_plain(d) for d in docs]
-    context = trained.context_length(s.model)
     if layers:
         batch = torch.tensor([[t for d in token_docs[:20] for t in s.prefix + d][:context]])
         found, ev = trained.check_activations(s.model, layers, batch)
@@ -238,6 +238,11 @@ def run_checks(s: Subject, docs: list[str], n_new: int, max_tokens: int) -> dict
         found, ev = trained.check_packed_scales(s.packed, s.latent)
         record("packed vs latent weights", found, f"{ev['compared_layers']} layers compared" if ev["compared_layers"]
                else "no latent weights to compare with")
+        if not ev["compared_layers"]:
+            found, ev = trained.check_scale_convention(s.model, lambda: trained.heldout_loss(
+                s.model, token_docs[:20], s.prefix, context, 1, max_tokens=2048)["val_loss"])
+            record("packed scale convention", found, f"loss {ev['loss_as_stored']:.2f} as stored, "
+                                                     f"{ev['loss_scales_inverted']:.2f} inverted")
     if s.loss_is_objective:
         loss_checks(s, docs, token_docs, context, max_tokens, record, out)
     from .diagnose.detectors import detect_gibberish_samples, detect_repetitive_samples, words_of

@@ -345,6 +345,31 @@ def check_packed_scales(packed_layers: dict, latent: dict) -> tuple[list, dict]:
                                      "latent weights"})
     return findings, {"compared_layers": compared}
 
+@torch.no_grad()
+def check_scale_convention(model, score, min_gain: float = 1.0) -> tuple[list, dict]:
+    """Without latent weights: score a few held-out windows with the 2-bit layers' scales as stored
+    and inverted (1/weight_scale). A model that does much better inverted (> 1 nat) holds scales of
+    the other convention."""
+    from ..packing import PackedBitLinear
+    layers = [m for m in model.modules() if isinstance(m, PackedBitLinear)]
+    if not layers:
+        return [], {}
+    as_stored = score()
+    for m in layers:
+        m.weight_scale.reciprocal_()
+    try:
+        inverted = score()
+    finally:
+        for m in layers:
+            m.weight_scale.reciprocal_()
+    evidence = {"loss_as_stored": as_stored, "loss_scales_inverted": inverted}
+    if inverted > as_stored - min_gain:
+        return [], evidence
+    return [{"name": "inverted_weight_scale", "where": f"{len(layers)} packed layers",
+             "evidence": f"held-out loss {as_stored:.2f} nats with weight_scale as stored, {inverted:.2f} with "
+                         f"1/weight_scale: the scales hold the other convention"}], evidence
+
+
 # ----------------------------------------------------------------------------- 6: where the loss stands
 
 
