@@ -26,8 +26,8 @@ def check(argv, capsys) -> tuple[int, dict, str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, arith_cfg):
     """Held-out and training text, a tokenizer with a <s> the stream never uses, our TinyStories run
-    (dropout 0.1), its packed export, the user's TinyTernaryLM, and arithmetic runs with and without
-    coupled weight decay."""
+    (dropout 0.1) and its exports, the user's TinyTernaryLM, an arithmetic twin run (OUT/ternary +
+    OUT/fp) and an arithmetic run with coupled weight decay."""
     if not os.path.exists(DATA):
         pytest.skip(f"no TinyStories text at {DATA}")
     from bitnet.config_tiny import BitNetConfigTinyCPU
@@ -56,14 +56,16 @@ def world(tmp_path_factory, arith_cfg):
                            str(root / "cache"))
     train(cfg, task, str(root / "ts"), device="cpu", quiet=True)
     export(str(root / "ts"), str(root / "ts_packed"), packed=True)
+    export(str(root / "ts"), str(root / "ts_online"))
     shutil.copytree(root / "ts_packed", root / "ts_inverted")
     user_inference.invert_packed_scales(str(root / "ts_inverted"))
     stream = [i for s in split_stories(text[:cut]) for i in (tok.token_to_id(EOT), *tok.encode(s).ids)]
     seen = user_inference.train_and_save(stream, vocab, str(root / "user"), steps=30)
     user_inference.whitespace_tokenizer(split_stories(text[:cut]), 400, str(root / "ws.json"))
-    for bug in ("", "coupled_weight_decay"):
-        acfg = arith_cfg(max_steps=100, weight_decay=0.1, inject_bug=bug, compile=False)
-        train(acfg, ArithmeticTask(acfg), str(root / f"arith{bug}"), device="cpu", quiet=True)
+    arith = {"twin/ternary": {}, "twin/fp": {"quant": "none"}, "coupled": {"inject_bug": "coupled_weight_decay"}}
+    for out, kw in arith.items():
+        acfg = arith_cfg(max_steps=100, weight_decay=0.1, compile=False, **kw)
+        train(acfg, ArithmeticTask(acfg), str(root / out), device="cpu", quiet=True)
     return {"root": root, "seen": seen}
 
 
@@ -78,14 +80,14 @@ def user_env(world, monkeypatch):
     return root, user
 
 
-@pytest.mark.parametrize("which", ["ts", "ts_packed", "arith"])
+@pytest.mark.parametrize("which", ["ts", "ts_online", "ts_packed", "twin", "twin/fp"])
 def test_our_runs_are_ok(world, which, capsys):
     root = world["root"]
-    argv = ["--checkpoint", str(root / which)] + (["--text", str(root / "heldout.txt")] if which != "arith" else [])
+    argv = ["--checkpoint", str(root / which)] + (["--text", str(root / "heldout.txt")] if "twin" not in which else [])
     code, result, out = check(argv, capsys)
     assert code == 0 and result["verdict"] == "OK", out
     assert result["diagnosis"] in ("ok", "capacity")
-    if which != "arith":  # a text run is scored: its loss beats the unigram of the held-out text
+    if "twin" not in which:  # a text run is scored: its loss beats the unigram of the held-out text
         assert result["val_loss"] is not None and result["bits_per_byte"] > 0
         assert result["expected_loss"][0] < result["expected_loss"][1]
 
@@ -121,7 +123,7 @@ def test_packed_folder_with_an_inverted_scale(world, capsys):
 
 
 def test_coupled_weight_decay_is_a_training_problem_from_the_checkpoint_alone(world, capsys):
-    code, result, out = check(["--checkpoint", str(world["root"] / "arithcoupled_weight_decay")], capsys)
+    code, result, out = check(["--checkpoint", str(world["root"] / "coupled")], capsys)
     assert code == 1 and result["diagnosis"] == "training", out
     assert result["problems"][0] in ("coupled_weight_decay", "collapsed_weights")
 
