@@ -222,7 +222,12 @@ def run_checks(s: Subject, docs: list[str], n_new: int, max_tokens: int) -> dict
     found, ev = trained.check_prompt_format(s.model, docs, lambda d: s.prefix + s.encode_plain(d), s.encode_prompt,
                                             lambda ids: [s.decode([i]) for i in ids])
     record("prompt encoding vs training", found, ev.get("note") or f"gap {ev['gap_nats']:+.2f} nats on first tokens")
-    found, ev = trained.check_tokenizer_roundtrip(s.encode_plain, s.decode, docs, s.unk_id, s.normalize)
+    try:  # helper i24data moves these into diagnose/tokenizer_checks.py; until then check_tokenizer has them
+        from .diagnose.tokenizer_checks import classify, first_difference
+    except ImportError:
+        from .check_tokenizer import classify, first_difference
+    found, ev = trained.check_tokenizer_roundtrip(s.encode_plain, s.decode, docs, classify, first_difference,
+                                                  s.unk_id, s.normalize)
     record("tokenizer round trip", found, f"{ev['exact']}/{ev['documents']} documents exact")
     token_docs = [s.encode_plain(d) for d in docs]
     context = trained.context_length(s.model)

@@ -201,14 +201,11 @@ def common_suffix(a: list, b: list) -> int:
 # ----------------------------------------------------------------------------- 4: the tokenizer
 
 
-def check_tokenizer_roundtrip(encode, decode, docs: list[str], unk_id=None, normalize=None,
-                              max_docs: int = 500) -> tuple[list, dict]:
-    """decode(encode(x)) == x on the held-out documents, with check_tokenizer's problem names, plus
-    newline_lost: newlines the tokenizer cannot give back (a Whitespace pre-tokenizer drops them)."""
-    try:  # helper i24data moves these into diagnose/tokenizer_checks.py; before that they live in check_tokenizer
-        from .tokenizer_checks import classify, first_difference
-    except ImportError:
-        from ..check_tokenizer import classify, first_difference
+def check_tokenizer_roundtrip(encode, decode, docs: list[str], classify, first_difference, unk_id=None,
+                              normalize=None, max_docs: int = 500) -> tuple[list, dict]:
+    """decode(encode(x)) == x on the held-out documents, with check_tokenizer's problem names (its
+    `classify` and `first_difference` are passed in), plus newline_lost: newlines the tokenizer
+    cannot give back (a Whitespace pre-tokenizer drops them)."""
 
     class _Codec:  # what check_tokenizer.classify reads
         pass
