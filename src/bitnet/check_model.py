@@ -135,6 +135,16 @@ def load_tokenizer(spec: str, paths):
     return lambda s: list(obj.encode(s)), lambda s: list(obj.encode(s)), lambda ids: obj.decode(list(ids)), None, None
 
 
+def user_code(fn, flag: str):
+    """fn, with any exception it raises turned into one line naming the flag (exit 2)."""
+    def call(*args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise InputError(f"{flag} raised {type(e).__name__}: {str(e).strip()[:200]}") from None
+    return call
+
+
 def user_generate(fn, model):
     """The user's f(model, input_ids [1, T], max_new_tokens) -> ids, as (ids: list, n) -> list."""
     def generate(ids, n):
@@ -364,9 +374,10 @@ def main(argv=None) -> int:
         if args.checkpoint and args.tokenizer:
             s.encode_prompt, s.encode_plain, s.decode, s.unk_id, s.normalize = load_tokenizer(args.tokenizer, args.path)
         if args.generate:
-            s.generate = user_generate(resolve_spec(args.generate, args.path), s.model)
+            fn = user_code(resolve_spec(args.generate, args.path), f"--generate {args.generate}")
+            s.generate = user_generate(fn, s.model)
         if args.encode:
-            fn = resolve_spec(args.encode, args.path)
+            fn = user_code(resolve_spec(args.encode, args.path), f"--encode {args.encode}")
             s.encode_prompt = lambda text: list(fn(text))
         s.tokens_seen = args.tokens_seen or s.tokens_seen
         s.corpus = "" if args.corpus == "none" else args.corpus or s.corpus
