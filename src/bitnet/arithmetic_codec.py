@@ -70,6 +70,7 @@ class ArithmeticCodec:
     number_format: dict  # {op: [width of a, of b, of the answer]}; empty = no padding
     reverse_answers: bool = False
     kind = "problems"  # evaluate --arithmetic
+    corpus = ""  # no reference band: the loss is on answers, not on text
     max_new_tokens = 8
     tokenizer = None  # no free text to score
 

@@ -266,6 +266,13 @@ class ArithmeticTask:
         return ArithmeticCodec(identity.get("number_format") or {}, bool(identity.get("reverse_answers")))
 
     @staticmethod
+    def heldout_documents(cfg, n: int) -> list[str]:
+        """n held-out problems written as the run trained on them ('12 * 3 = 36'), for check_model."""
+        dom = ArithmeticDomain.from_config(cfg)
+        problems = dom.sample(n, torch.Generator().manual_seed(0), "val")
+        return [f"{dom.prompt(a, op, b)} {dom.written_answer(a, op, b)}" for a, op, b in problems]
+
+    @staticmethod
     def identity_of_tokenizer(tokenizer_json: str) -> dict | None:
         """A transformers folder whose tokenizer is our character vocabulary holds an arithmetic model."""
         from tokenizers import Tokenizer

@@ -140,6 +140,7 @@ class FineWebTask(TinyStoriesTask):
     training batches come from this process's TokenStream (get_rank_batch) instead of a cache."""
 
     name = "fineweb-edu"
+    corpus = "web"  # check_model compares its loss with a web-text scaling fit
     prompts = ("The history of the", "Photosynthesis is the process", "In mathematics, a function")
 
     def __init__(self, cfg, tokenizer_dir: str, source: DocSource, val_docs: int = 1000):

@@ -312,6 +312,7 @@ class TinyStoriesTask:
     """What the shared trainer needs from an experiment: batches, evaluation, identity."""
 
     name = "tinystories"
+    corpus = "tinystories"  # check_model's reference band for a loss on this text
     prompts = PROMPTS  # what generate_stories() continues at each evaluation
 
     def __init__(self, cfg, tokenizer_dir: str, train_source, val_source, cache_dir: str):
@@ -332,13 +333,13 @@ class TinyStoriesTask:
     def identity(self) -> dict:
         return {"task": self.name, "tokenizer": self.tokenizer_json}  # the checkpoint carries its tokenizer
 
-    @staticmethod
-    def codec(identity: dict) -> TextCodec:
+    @classmethod
+    def codec(cls, identity: dict) -> TextCodec:
         """The codec of a checkpoint with this identity (tasks.codec_for): training puts
         <|endoftext|> before every document, so prompts start with it too."""
         tok = tokenizer_from_identity(identity)
         eot = tok.token_to_id(EOT)
-        return TextCodec(tok, eot, prefix=(eot,), pad_id=tok.token_to_id(PAD))
+        return TextCodec(tok, eot, prefix=(eot,), pad_id=tok.token_to_id(PAD), corpus=cls.corpus)
 
     def get_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows of the training stream, a pure function of (seed, step): resumes exactly."""

@@ -26,6 +26,7 @@ class TextCodec:
     prefix: tuple[int, ...] = ()  # what training puts before every document (<|endoftext|>)
     pad_id: int | None = None
     max_new_tokens: int = 200
+    corpus: str = ""  # what reference band check_model compares the loss with ("tinystories", "web", or none)
     kind = "text"  # evaluate --text
 
     def to_model(self, text: str) -> str:

@@ -35,7 +35,8 @@ class Codec(Protocol):
 class Task(Protocol):
     """What the trainer and the diagnosis need from an experiment. Optional, where a task has
     them: solved(metrics) (stop_when_solved); get_rank_batch, state_dict and load_state_dict (a
-    streamed task's own batches and position, distributed.py); identity_of_tokenizer (register)."""
+    streamed task's own batches and position, distributed.py); identity_of_tokenizer (register);
+    heldout_documents(config, n) (a task that can write its own held-out text: check_model)."""
     name: str  # identity()["task"]: the key of the registry
     learning_kwargs: dict  # how the diagnosis decides the model learns (detectors.detect_learning)
     metric_keys: list[str]  # the evaluation figures the twin comparison prints
@@ -78,6 +79,14 @@ def codec_for(identity: dict) -> Codec:
         raise ValueError(f"checkpoint was trained on an unknown task {name!r} (known: {', '.join(sorted(TASKS))}); "
                          f"a task of your own makes its checkpoints readable with bitnet.tasks.register")
     return TASKS[name].codec(identity)
+
+
+def heldout_documents(identity: dict, config, n: int) -> list[str] | None:
+    """n held-out documents of a checkpoint's task, written as it trained on them, when the task
+    can make its own (arithmetic problems); None for a task whose held-out text the user gives."""
+    task = TASKS.get((identity or {}).get("task"))
+    make = getattr(task, "heldout_documents", None)
+    return make(config, n) if make else None
 
 
 def identity_of_tokenizer(tokenizer_json: str, eos_token_id: int | None) -> dict:

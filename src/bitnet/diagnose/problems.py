@@ -72,7 +72,8 @@ PROBLEMS = {
                                                "model shifts internally)"),
     "train_inference_mismatch": problem("data", HARMFUL, "format inference prompts exactly as training sequences "
                                                          "(the same BOS and special tokens, the same spacing)"),
-    # the data pipeline, as check_data sees a loader's batches
+    # the data pipeline, as check_data sees a loader's batches (and the tokenizer, as check_data,
+    # check_tokenizer and check_model see it)
     "labels_misaligned": problem("data", FATAL, "labels are the inputs for a model that shifts (transformers), the "
                                                 "inputs shifted by one for one that does not; shift exactly once"),
     "padding_in_loss": problem("data", HARMFUL, "set the labels of padded positions to -100 (the ignore index), e.g. "
@@ -87,20 +88,44 @@ PROBLEMS = {
                                                  "world_size), a DistributedSampler, or every world_size-th document"),
     "val_in_train": problem("data", HARMFUL, "hold validation out of the training stream (another split, or "
                                              "ds.skip(n) for training after ds.take(n) for validation)"),
-    "whitespace_lost": problem("data", HARMFUL, "use a tokenizer that keeps newlines and spaces (a ByteLevel "
+    "whitespace_lost": problem("tokenizer", HARMFUL, "use a tokenizer that keeps newlines and spaces (a ByteLevel "
                                                 "pre-tokenizer and decoder), not a Whitespace pre-tokenizer"),
-    "decode_adds_spaces": problem("data", HARMFUL, "give the tokenizer the decoder matching its pre-tokenizer "
+    "decode_adds_spaces": problem("tokenizer", HARMFUL, "give the tokenizer the decoder matching its pre-tokenizer "
                                                    "(ByteLevel with ByteLevel, Metaspace with Metaspace)"),
-    "unk_tokens": problem("data", HARMFUL, "use a byte-level tokenizer (or byte fallback) so every character "
+    "unk_tokens": problem("tokenizer", HARMFUL, "use a byte-level tokenizer (or byte fallback) so every character "
                                            "encodes, or train the vocabulary on this text"),
-    "lossy_normalizer": problem("data", HARMFUL, "drop the normalizer that changes the text (Lowercase, NFKC "
+    "lossy_normalizer": problem("tokenizer", HARMFUL, "drop the normalizer that changes the text (Lowercase, NFKC "
                                                  "folding) so decode(encode(x)) == x"),
-    "decode_mismatch": problem("data", HARMFUL, "make decode(encode(x)) == x: check the tokenizer's pre-tokenizer, "
+    "decode_mismatch": problem("tokenizer", HARMFUL, "make decode(encode(x)) == x: check the tokenizer's pre-tokenizer, "
                                                 "decoder and normalizer"),
     "user_data_trains_worse": problem("data", HARMFUL, "run python -m bitnet.check_data --batches SPEC on your loader "
                                                        "and fix what it names; compare your batches with ours "
                                                        "(data_tinystories.py) row by row"),
+    # a trained model and its inference path (check_model)
+    "generation_mismatch": problem("inference", FATAL, "make generate() agree with one full forward: cache positions "
+                                                       "start at the cache length, and the next token comes from "
+                                                       "logits[:, -1]"),
+    "inference_not_deterministic": problem("inference", HARMFUL, "call model.eval() before generating (dropout off) "
+                                                                 "and take argmax for greedy decoding"),
+    "dead_layer": problem("weights", HARMFUL, "find why the layer's weights went to zero (its learning rate, decay, "
+                                              "or a layer left out of the optimizer)"),
+    "one_sign_layer": problem("weights", HARMFUL, "check the layer's init and updates: ternary weights of one sign "
+                                                  "carry almost no information"),
+    "collapsed_weights": problem("optimizer", FATAL, "use torch.optim.AdamW (decoupled weight decay); L2 decay added "
+                                                     "to the gradient (Adam(weight_decay=...)) collapses the latent "
+                                                     "weights"),
+    "activation_outliers": problem("model", HARMFUL, "normalise the input of every quantized layer (a sub-norm "
+                                                     "before it), so a few outliers do not zero the int8 grid"),
+    "inverted_weight_scale": problem("export", FATAL, "store weight_scale = mean|W| for a layer that multiplies by "
+                                                      "it (1/mean|W| only for one that divides by it)"),
+    "packed_weights_differ": problem("export", FATAL, "pack q = round(W / mean|W|).clamp(-1, 1) of the trained "
+                                                      "latent weights, with their own mean|W|"),
+    "loss_above_bigram": problem("training", FATAL, "fix training first: a model worse than a bigram of its own "
+                                                    "text learned nothing beyond token pairs"),
+    "loss_above_expected": problem("training", HARMFUL, "compare with a run of the same size on the same data; "
+                                                        "check learning rate, schedule and data before scaling"),
 }
+
 
 
 def severity_of(name: str) -> str:
