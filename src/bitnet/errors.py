@@ -16,6 +16,11 @@ class NonFiniteLoss(TrainingError):
     exit_code = 3
 
 
+class Broken(TrainingError):
+    """The verdict is BROKEN (printed above, in OUT_DIR/verdict.json): exit code 1, as check_layer's."""
+    exit_code = 1
+
+
 class Interrupted(TrainingError):
     """SIGTERM or SIGINT: the checkpoint is saved; exit 128 + the signal's number, as a shell would."""
 
@@ -33,12 +38,13 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 def run_main(main):
     """Run `main()`, turning expected problems into one line on stderr and an exit code:
-    0 done, 2 bad input, 3 non-finite loss, 130/143 stopped by SIGINT/SIGTERM after saving."""
+    0 done, 1 the verdict is BROKEN, 2 bad input, 3 non-finite loss, 130/143 stopped by SIGINT/SIGTERM
+    after saving."""
     try:
         return main()
     except (TrainingError, ValueError, OSError, UnicodeDecodeError) as e:
         code = getattr(e, "exit_code", 2)
-        print(f"{'stopped' if code > 128 else 'error'}: {e}", file=sys.stderr)
+        print(f"{'stopped' if code > 128 else 'verdict' if code == 1 else 'error'}: {e}", file=sys.stderr)
         sys.exit(code)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
