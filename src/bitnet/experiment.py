@@ -132,6 +132,8 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
     for name, quant in (("ternary", "ternary"), ("fp", "none")):
         sub = os.path.join(out_dir, name)
         os.makedirs(sub, exist_ok=True)
+        if not {"--resume", "--resume-from-previous"} & set(argv) and os.path.exists(os.path.join(sub, METRICS_NAME)):
+            os.remove(os.path.join(sub, METRICS_NAME))  # the child would, after start-up; watch_pair reads it before
         # argparse keeps the last occurrence of a flag, so these override anything in argv
         cmd = [sys.executable, script, *argv, "--quant", quant, "--out-dir", sub, "--threads", str(threads)]
         log = open(os.path.join(sub, "train.log"), "w")
@@ -186,46 +188,38 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
 
 
 def watch_pair(procs: dict, out_dir: str, judge=None, poll_s: float = 1.0):
-    """Until both children end: when one stops early on decisive evidence (its summary says why),
-    ask the other to stop too; when one fails, stop the other at once (SIGTERM: it saves);
-    `judge(ternary_evals, fp_evals) -> reason | None` (twin_behind) stops both. A stopped child
-    evaluates and saves first, so the diagnosis reads what was trained."""
-    asked, sizes, evals = False, {}, {}
+    """Until both children end: when one decides to stop early on decisive evidence (a "stop_early"
+    line in its metrics.jsonl), ask the other to stop too; when one fails, stop the other at once
+    (SIGTERM: it saves); `judge(ternary_evals, fp_evals) -> reason | None` (twin_behind) stops both.
+    A stopped child evaluates and saves first, so the diagnosis reads what was trained."""
+    asked, sizes, lines = False, {}, {}
     while any(p.poll() is None for p in procs.values()):
         time.sleep(poll_s)
+        if asked:
+            continue
         running = [n for n, p in procs.items() if p.poll() is None]
-        for name, proc in procs.items():
-            if name in running or asked:
-                continue
-            if proc.returncode not in (0, 130, 143):  # failed: the other's result no longer matters
-                for other in running:
-                    procs[other].terminate()
-                asked = True
-            elif proc.returncode == 0 and (reason := stopped_early(os.path.join(out_dir, name))):
-                for other in running:
-                    ask_to_stop(os.path.join(out_dir, other), procs[other].pid, f"the {name} run stopped: {reason}")
-                asked = True
-        if judge is None or asked or len(running) < len(procs):
+        if any(p.returncode not in (None, 0, 130, 143) for p in procs.values()):  # failed: the other's run no longer matters
+            for name in running:
+                procs[name].terminate()
+            asked = True
             continue
         for name in procs:
             path = os.path.join(out_dir, name, METRICS_NAME)
             try:
-                size = os.path.getsize(path)
-                if sizes.get(name) != size:
-                    evals[name], sizes[name] = read_metrics(path)[1], size
-            except (OSError, ValueError):  # not there yet, or a line half written: the next look reads it
+                if sizes.get(name) != os.path.getsize(path):
+                    sizes[name] = os.path.getsize(path)
+                    with open(path) as f:
+                        lines[name] = [json.loads(line) for line in f if line.endswith("\n")]
+            except (OSError, ValueError):  # not there yet: the next look reads it
                 pass
-        if len(evals) == 2 and (reason := judge(evals["ternary"], evals["fp"])):
-            print(f"twin run: stopping both models: {reason}", flush=True)
+        stops = [(name, e["reason"]) for name, entries in lines.items() for e in entries
+                 if e.get("kind") == "stop_early" and e.get("pid") == procs[name].pid]
+        reason = (f"the {stops[0][0]} run stopped: {stops[0][1]}" if stops else
+                  judge([e for e in lines["ternary"] if e.get("kind") == "eval"],
+                        [e for e in lines["fp"] if e.get("kind") == "eval"]) if judge and len(lines) == 2 else None)
+        if reason:
+            if not stops:
+                print(f"twin run: stopping both models: {reason}", flush=True)
             for name in running:
                 ask_to_stop(os.path.join(out_dir, name), procs[name].pid, reason)
             asked = True
-
-
-def stopped_early(run_dir: str) -> str | None:
-    """Why the run in `run_dir` stopped early (its summary.json), or None."""
-    try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            return json.load(f).get("stopped_early")
-    except (OSError, ValueError):
-        return None

@@ -254,6 +254,7 @@ def after_step(run: Run) -> bool:
         save(run)
     if run.watch is not None and distributed.all_agree(bool(reason := run.watch(run)), run.ctx):
         run.log(f"stopping early at step {step}: {reason}")
+        run.record({"kind": "stop_early", "step": step, "reason": reason, "pid": os.getpid()})  # a twin's parent stops the other now
         if run.history[-1]["step"] != step:
             evaluate(run)  # the diagnosis reads the state the run stopped in
         if run.saved_step != step:
