@@ -44,10 +44,10 @@ class Run:
     opt: torch.optim.Optimizer
     out_dir: str
     on_eval: object = None
-    watch: object = None  # watch(run) -> a reason to stop early, or None (diagnose/early.py's Watch)
-    stopped_early: str | None = None
     log: object = print
     quiet: bool = False
+    watch: object = None  # watch(run) -> a reason to stop early, or None (diagnose/early.py's Watch)
+    stopped_early: str | None = None
     step: int = 0
     history: list = field(default_factory=list)
     first_loss: float | None = None  # the first training step's loss
