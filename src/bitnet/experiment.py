@@ -38,8 +38,6 @@ def run_experiment(args, cfg, task, script: str, summarize, report, child_args: 
     task = with_data_bug(task, cfg)  # the self-test's data bugs only
     with out_dir_lock(args.out_dir) if is_main_process() else contextlib.nullcontext():
         if not (args.no_verdict or args.resume or args.resume_from_previous):  # a twin's parent checked already
-            if args.twin and plugged.parts(cfg):  # the user's code fails here, in one line, not in both children
-                check_user_stack(cfg)
             log = print if is_main_process() else (lambda *a: None)
             broken = check_before_training(cfg, task, args.out_dir if is_main_process() else None, build_model,
                                            make_optimizer, log)
@@ -86,6 +84,8 @@ def run_one(args, cfg, task, summarize, report, conclude=None) -> dict:
 
 def run_pair(args, cfg, task, script: str, report, child_args=(), conclude=None) -> dict:
     """The ternary model and its twin (run_twin), then the comparison and one verdict for the pair."""
+    if plugged.parts(cfg):  # the user's code fails here, in one line, rather than in both children
+        check_user_stack(cfg)
     baseline = target_unigram_loss(task.get_batch) if callable(getattr(task, "get_batch", None)) else None
 
     def judge(ternary: list[dict], twin: list[dict]) -> str | None:

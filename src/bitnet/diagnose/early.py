@@ -68,7 +68,7 @@ def before_training(model, optimizer, task, cfg) -> dict:
 def check_before_training(cfg, task, out_dir: str, build_model, make_optimizer, log=print) -> dict | None:
     """Build the run's model and optimizer as training would (same seed, on the CPU) and run
     before_training(). BROKEN: print the findings and the verdict, write verdict.json, and return
-    the verdict; otherwise print one line and return None."""
+    the verdict (and write it to `out_dir`, unless None); otherwise print one line and return None."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_model(replace(cfg, compile=False))
@@ -82,7 +82,8 @@ def check_before_training(cfg, task, out_dir: str, build_model, make_optimizer, 
     failed = [r for r in checked["probes"] + checked["detectors"] if not r["passed"]]
     log("\nbefore training, failed checks:\n" + format_results(failed))
     log("\n" + format_verdict(verdict))
-    log(f"wrote {write_verdict(out_dir, verdict)}")
+    if out_dir is not None:  # None: a torchrun rank other than 0
+        log(f"wrote {write_verdict(out_dir, verdict)}")
     log("stopped before the first step (--train-anyway trains regardless)")
     return verdict
 
