@@ -64,7 +64,7 @@ def main():
     p.add_argument("--pipeline", action="store_true",
                    help="the 6 pipeline bugs of issue 11 (not the 8 model bugs), each at every --seeds seed, "
                         "seed by seed, beside the correct stack")
-    p.add_argument("--bugs", nargs="*", help="with --pipeline: only these runs ('correct' for the correct stack)")
+    p.add_argument("--bugs", nargs="*", help="with --pipeline or --all-bugs: only these runs ('correct' for the correct stack)")
     p.add_argument("--all-bugs", action="store_true", help="all 14 injected bugs (model and pipeline), one run each")
     p.add_argument("--budgets", type=int, nargs="*", help="the correct stack with --twin at each of these --max-steps")
     p.add_argument("--dtypes", nargs="*", default=["auto"], help="with --budgets: each dtype (fp32, bf16, auto)")
@@ -75,7 +75,7 @@ def main():
         return
     if args.all_bugs:
         plan = [(f"correct-seed{s}", ["--seed", str(s)]) for s in args.seeds]
-        plan += [(bug, ["--inject-bug", bug]) for bug in ALL_BUGS]
+        plan += [(bug, ["--inject-bug", bug]) for bug in (args.bugs or ALL_BUGS)]  # in the order asked
     elif args.pipeline:  # all runs of seed 1 first, then seed 2, ...: a cut-short table still covers every bug
         plan = [(name, [*(["--inject-bug", bug] if bug else []), "--seed", str(s)])
                 for s in args.seeds for bug in ["", *PIPELINE_BUGS]

@@ -31,7 +31,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "src"))
 from bitnet.checkpoint import load_checkpoint  # noqa: E402
-from bitnet.rundir import CKPT_NAME, METRICS_NAME, PREV_CKPT_NAME  # noqa: E402
+from bitnet.rundir import CKPT_NAME, METRICS_NAME, PREV_CKPT_NAME, read_metrics_file  # noqa: E402
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
 JOB = ["--preset", "arithmetic", "--device", "cpu", "--threads", "1", "--no-verdict",
@@ -70,9 +70,9 @@ def start(cmd: list[str], env: dict, log) -> tuple[subprocess.Popen, threading.E
 
 def last_logged_step(out_dir: str) -> int:
     """The latest training step in metrics.jsonl (it logs every 10 steps): where a killed run had got to."""
-    try:
-        with open(os.path.join(out_dir, METRICS_NAME)) as f:
-            return max((e["step"] for e in map(json.loads, f) if e["kind"] == "train"), default=0)
+    try:  # a kill mid-append may leave a partial last line: the library's reader skips it
+        return max((e["step"] for e in read_metrics_file(os.path.join(out_dir, METRICS_NAME)) if e["kind"] == "train"),
+                   default=0)
     except FileNotFoundError:
         return 0
 

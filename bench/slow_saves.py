@@ -18,8 +18,8 @@ from bitnet.rundir import CKPT_NAME  # noqa: E402
 def slow_atomic_path(delay_s: float, atomic_path=checkpoint.atomic_path):
     """rundir.atomic_path, sleeping `delay_s` before ckpt.pt's rename (after ckpt.prev.pt is linked)."""
     @contextlib.contextmanager
-    def slow(path: str):
-        with atomic_path(path) as tmp:
+    def slow(path: str, *args, **kwargs):
+        with atomic_path(path, *args, **kwargs) as tmp:
             yield tmp
             if os.path.basename(path) == CKPT_NAME:
                 time.sleep(delay_s)

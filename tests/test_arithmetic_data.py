@@ -1,6 +1,7 @@
 """The arithmetic generator, tokenizer and held-out split, checked by decoding what the
 trainer is actually fed and recomputing every answer independently."""
 import operator
+import re
 
 import pytest
 import torch
@@ -35,6 +36,16 @@ def decode_batch(x: torch.Tensor, y: torch.Tensor) -> list[tuple[int, str, int, 
         assert ids[0] == TOK.bos_id and text.endswith("\n") and text.count("\n") == 1
         out.append(parse_problem(text))
     return out
+
+
+class Echo:
+    """A stand-in model whose greedy completion of every prompt is `answer`, as the model writes it."""
+
+    def __init__(self, answer: str):
+        self.tail = torch.tensor([TOK.encode(f" {answer}\n", bos=False)])
+
+    def generate(self, ids, max_new_tokens, stop_token=None, **_):
+        return torch.cat([ids, self.tail], dim=1)
 
 
 def problems_of(cfg, steps=range(40), batch_size=128):
@@ -268,7 +279,7 @@ def test_encode_problems_labels_the_answer_only():
 
 
 def test_padded_numbers_sit_at_fixed_widths_and_tools_pad_prompts_to_match():
-    from bitnet.data_arithmetic import match_format
+    from bitnet.tasks import codec_for
     cfg = BitNetConfigArithmetic().with_overrides(["pad_numbers=true"])
     task, seen = problems_of(cfg, steps=range(5))
     assert {(a + b if op == "+" else right_answer(a, op, b)) == c for a, op, b, c in seen} == {True}
@@ -279,15 +290,21 @@ def test_padded_numbers_sit_at_fixed_widths_and_tools_pad_prompts_to_match():
         wa, wb, wc = widths[op]
         assert line.startswith(f"{a:0{wa}d} {op} {b:0{wb}d} = ") and len(line.split()[-1]) == wc
     assert task.domain.max_length() == len("99 + 99 = 198\n")  # <bos> + the line, less the last target
-    fmt = task.identity()["number_format"]
-    assert match_format("7 + 12 =", fmt) == "07 + 12 =" and match_format("144 / 12 =", fmt) == "144 / 12 ="
-    assert match_format("Once upon a time", fmt) == "Once upon a time" and match_format("7 + 1 =", {}) == "7 + 1 ="
+    codec, plain = codec_for(task.identity()), codec_for(ArithmeticTask(BitNetConfigArithmetic()).identity())
+    assert codec.to_model("7 + 12 =") == "07 + 12 =" and codec.to_model("144 / 12 =") == "144 / 12 ="
+    assert codec.to_model("7 + 12 = 19") == "07 + 12 = 019" and codec.to_model("3 * 4 = 12") == "03 * 04 = 012"
+    assert codec.to_model("Once upon a time") == "Once upon a time" and plain.to_model("7 + 1 =") == "7 + 1 ="
+    # what a person reads: the numbers as written by hand, whatever the training format
+    assert codec.display("07 + 12 = 019") == "7 + 12 = 19" and codec.display("00 * 05 = 000") == "0 * 5 = 0"
+    assert codec.display("07 + 12 = 0x9") == "7 + 12 = 0x9" and plain.display("7 + 12 = 19") == "7 + 12 = 19"
+    lines = task.sample_lines(Echo("019"), "cpu", torch.Generator().manual_seed(0), n_per_op=1)
+    assert all(not re.search(r"\b0\d", ln) for ln in lines), lines  # no padded number is shown
     assert "number_format" not in ArithmeticTask(BitNetConfigArithmetic()).identity()  # plain runs: as before
 
 
 def test_reversed_answers_are_written_backwards_and_read_forwards():
     from bitnet.data_arithmetic import read_answer
-    from bitnet.generate import codec_for
+    from bitnet.tasks import codec_for
     cfg = BitNetConfigArithmetic().with_overrides(["pad_numbers=true", "reverse_answers=true"])
     task = ArithmeticTask(cfg)
     x, y = task.get_batch(0, 64)
@@ -299,8 +316,10 @@ def test_reversed_answers_are_written_backwards_and_read_forwards():
     assert task.domain.written_answer(7, "+", 12) == "910" and task.domain.answer(7, "+", 12) == "019"
     assert read_answer(" 910\n", True) == " 019\n" and read_answer(" 910", False) == " 910" and read_answer("", True) == ""
     codec = codec_for(task.identity())
-    assert codec.reverse_answers and codec.completion(TOK.encode(" 910", bos=False)) == " 019"
-    assert not codec_for(ArithmeticTask(BitNetConfigArithmetic()).identity()).reverse_answers  # plain runs: as before
+    assert codec.display("07 + 12 =" + codec.decode(TOK.encode(" 910", bos=False))) == "7 + 12 = 19"
+    assert codec.to_model("7 + 12 = 19") == "07 + 12 = 910" and codec.display("07 + 12 = 910") == "7 + 12 = 19"
+    plain = codec_for(ArithmeticTask(BitNetConfigArithmetic()).identity())  # plain runs: as before
+    assert plain.display("7 + 12 = 91") == "7 + 12 = 91" and plain.to_model("7 + 12 = 19") == "7 + 12 = 19"
 
 
 def test_train_on_all_tokens_switch():

@@ -234,7 +234,10 @@ def test_twin_falls_back_to_our_fp_model_and_says_so(own_sys_path):
     assert twin.twin_kind.startswith("our own fp model, not yours (with nn.Linear swapped in it no longer runs")
     from bitnet.diagnose.verdict import make_verdict
     from bitnet.plugged import stack_statement
-    v = make_verdict([], {"learns": False}, {"learns": True})
+    # decisive: the twin came 2.5 nats down from ln V, the ternary model 0.05
+    v = make_verdict([], {"learns": False, "baseline_loss": 3.5, "final_val_loss": 3.45, "after_warmup": True},
+                     {"learns": True, "baseline_loss": 3.5, "final_val_loss": 1.0, "after_warmup": True})
+    assert v["verdict"] == "BROKEN"
     line = stack_statement({"parts": {"model": "m:f"}, "twin": twin.twin_kind}, v, [{"val_loss": 3.0}], [{"val_loss": 1.0}])
     assert "your layer does not learn while our own fp model, not yours" in line
 

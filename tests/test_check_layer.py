@@ -14,7 +14,7 @@ import torch
 from bitnet import check_layer
 from bitnet.bitlinear import BitLinear
 from bitnet.bugs import BUGS
-from bitnet.diagnose.layer_probes import layer_problems, probe_layer
+from bitnet.diagnose.layer_probes import LAYER_CHECKS, layer_problems, probe_layer
 
 ORIGINAL_OPS = (torch.nn.functional.linear, torch.matmul, torch.Tensor.__matmul__)
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "third_party_layers.py")
@@ -95,14 +95,19 @@ THIRD_PARTY = {
     "OutputQuantNoRescaleLinear": ({"quantizes_output", "per_tensor_act_scale", "missing_rescale"}, {}),
     "QbLayerNormLinear": ({"act_not_rounded"}, {"scales_after_matmul"}),
     "MaxScaleWeightLinear": ({"wrong_weight_scale"}, {}),
+    "QuantizerModuleLinear": ({}, {}),
+    "ModuleQuantizersLinear": ({"missing_rescale"}, {}),
+    "IntKernelConventionsLinear": ({}, {"act_grid_128", "per_row_weight_scale", "scales_after_matmul"}),
 }
 
 
+@pytest.mark.parametrize("shape", [[], ["--seed", "2", "--in-features", "64", "--out-features", "48"]],
+                         ids=["128x96", "64x48-seed2"])
 @pytest.mark.parametrize("name", THIRD_PARTY)
-def test_third_party_style_layers_are_judged_right(capsys, name):
+def test_third_party_style_layers_are_judged_right(capsys, name, shape):
     """Every fault named, none that is not there; a harmless convention listed as a deviation
-    (with its measure) and never making BROKEN."""
-    code, verdict, out = run(capsys, f"{FIXTURES}:{name}")
+    (with its measure) and never making BROKEN; the same on another shape and draw."""
+    code, verdict, out = run(capsys, f"{FIXTURES}:{name}", *shape)
     problems, deviations = THIRD_PARTY[name]
     assert set(verdict["problems"]) == set(problems) and len(verdict["problems"]) == len(problems)
     assert {d["problem"] for d in verdict["deviations"]} == set(deviations)
@@ -110,6 +115,20 @@ def test_third_party_style_layers_are_judged_right(capsys, name):
     assert code == (1 if problems else 0) and verdict["verdict"] == ("BROKEN" if problems else "OK")
     for p in problems:  # each name in the table with its severity, next to the evidence that measured it
         assert re.search(rf"FAIL .*{p} \((fatal|harmful)\)", out)
+    for d in deviations:  # a deviation in the table too
+        assert f"~{d} (deviation)" in out
+
+
+def test_every_check_keeps_the_result_shape_and_says_how_bad():
+    """The verdict reads name/passed/evidence/suspected_bug; a check that names several problems
+    also lists them all, worst first, with the worst one's severity."""
+    checks = probe_layer(load_fixture("SignNoRescaleLinear")(128, 96).double())
+    assert [c["name"] for c in checks] == list(LAYER_CHECKS)
+    assert all({"name", "passed", "evidence", "suspected_bug"} <= set(c) for c in checks)
+    output = checks[LAYER_CHECKS.index("output_matches_recipe")]
+    assert output["problems"][0] == output["suspected_bug"] == "missing_rescale" and output["severity"] == "fatal"
+    assert set(output["problems"]) == {"missing_rescale", "binary_activations", "binary_not_ternary"}
+    assert "weight scale 1/mean|W|" in output["evidence"]["why"]  # the measurement behind the name
 
 
 def trained_looking(layer, seed=3):
@@ -147,6 +166,14 @@ def test_a_trained_norm_inside_the_layer_is_part_of_the_reference(name, kwargs):
     assert layer_problems(checks) == [] and all(c["passed"] for c in checks), \
         [(c["name"], c["evidence"]) for c in checks if not c["passed"]]
     assert checks[3]["evidence"]["input"].startswith("module ")  # fitted through the layer's own norm
+
+
+def test_transformers_autobitlinear_with_a_trained_rms_norm_is_ok(no_compile):
+    bitnet_integration = pytest.importorskip("transformers.integrations.bitnet")
+    layer = trained_looking(bitnet_integration.AutoBitLinear(128, 96, online_quant=True, bias=False,
+                                                             use_rms_norm=True).double())
+    checks = probe_layer(layer)
+    assert layer_problems(checks) == [] and checks[3]["evidence"]["input"] == "module rms_norm"
 
 
 def test_the_unit_gain_reference_is_not_what_passes_a_trained_norm():

@@ -149,3 +149,24 @@ def test_parquet_shards_and_the_tokenizer_script(shards, tmp_path, repo_root):
     assert task.tok.get_vocab_size() == 300
     x, y = task.get_rank_batch(0, 2, 0, 1)
     assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+
+
+def test_every_task_keeps_the_one_contract(tmp_path):
+    """Each registered task has what tasks.Task asks for, and codec_for() rebuilds a codec from
+    the identity its checkpoints store that encodes text the way its training batches begin."""
+    from bitnet import tasks
+    assert {"arithmetic", "tinystories", "fineweb-edu", "text"} <= set(tasks.TASKS)
+    members = [n for n in vars(tasks.Task) if not n.startswith("_")] + list(tasks.Task.__annotations__)
+    for name, task in tasks.TASKS.items():
+        if name != "text":  # a folder made elsewhere is read, never trained: it has a codec only
+            assert [m for m in members if not hasattr(task, m)] == [], name
+    tok_dir, files = str(tmp_path / "tok"), [write_jsonl(tmp_path / "a.jsonl", rows(documents(40)))]
+    save_tokenizer(train_bpe(documents(40), 300, show_progress=False), tok_dir)
+    cfg = BitNetConfigTiny().with_overrides(["vocab_size=300", "max_position_embeddings=16"])
+    task = FineWebTask(cfg, tok_dir, DocSource(tuple(files)), val_docs=VAL_DOCS)
+    codec = tasks.codec_for(task.identity())
+    x, _ = task.get_rank_batch(0, 1, 0, 1)  # the training stream: <|endoftext|> before every document
+    assert x[0, 0] == task.eot and codec.encode("the")[0] == task.eot  # prompts begin as documents do
+    assert codec.decode(codec.encode("the cell")) == "the cell" and codec.kind == "text"
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        tasks.codec_for({"task": "nope"})

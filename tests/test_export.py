@@ -184,7 +184,7 @@ def test_arithmetic_tokenizer_is_a_fast_tokenizer_with_the_same_ids(hf, tmp_path
 
 def test_tinystories_tokenizer_exports_with_its_leading_endoftext(hf, tmp_path):
     from bitnet.data_tinystories import EOT, train_bpe
-    from bitnet.generate import codec_for
+    from bitnet.tasks import codec_for
     bpe = train_bpe(["Once upon a time there was a cat.", "The dog ran to the park and the cat ran."] * 20,
                     vocab_size=300, show_progress=False)
     identity = {"task": "tinystories", "tokenizer": bpe.to_str()}
@@ -207,6 +207,37 @@ def test_tinystories_tokenizer_exports_with_its_leading_endoftext(hf, tmp_path):
     assert text_codec.decode(codec.encode("the dog ran")) == "the dog ran"
 
 
+def test_a_task_of_ones_own_needs_only_register(hf, tmp_path):
+    """A new task registers its codec once; export and the tools then read its checkpoints
+    without knowing its name (nothing in generate, evaluate or export names a task)."""
+    from bitnet import tasks
+    from bitnet.data_tinystories import train_bpe
+    from bitnet.generate import load_for_inference
+    bpe = train_bpe(["the cat sat on the mat.", "a dog ran far."] * 20, vocab_size=290, show_progress=False)
+    identity = {"task": "my-task", "tokenizer": bpe.to_str()}
+    cfg = BitNetConfigArithmetic(vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, dtype="fp32")
+    run = save_run(BitNetForCausalLM(cfg), tmp_path / "run", task=identity)
+    with pytest.raises(ValueError, match="unknown task 'my-task'.*bitnet.tasks.register"):
+        ex.export(run, str(tmp_path / "refused"))
+
+    class MyTask:
+        name = "my-task"
+
+        @staticmethod
+        def codec(identity):
+            return tasks.TextCodec(tasks.codec_for({**identity, "task": "text"}).tokenizer, stop_id=None,
+                                   max_new_tokens=7)
+    tasks.register(MyTask)
+    try:
+        out = ex.export(run, str(tmp_path / "hf"))
+        model, codec, ckpt = load_for_inference(out)
+        assert ckpt["task"] == identity and codec.max_new_tokens == 7
+        assert hf.AutoTokenizer.from_pretrained(out)("the cat").input_ids == codec.encode("the cat")
+    finally:
+        tasks.TASKS.pop("my-task")
+
+
 # ---------------------------------------------------------------- folders made elsewhere
 @pytest.mark.parametrize("name,packed,linear_class", FORMS)
 def test_a_folder_without_our_sidecar_loads_from_its_config(hf, no_compile, tmp_path, name, packed, linear_class):
@@ -222,7 +253,7 @@ def test_a_folder_without_our_sidecar_loads_from_its_config(hf, no_compile, tmp_
     theirs = hf.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert (model(ids)[0] - theirs(ids).logits).abs().max() < 1e-4
-    from bitnet.generate import codec_for
+    from bitnet.tasks import codec_for
     assert codec_for(ckpt["task"]).encode("1 + 2 =") == TOK.encode("1 + 2 =")
 
 

@@ -38,17 +38,23 @@ def arith_run(arith_cfg, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reversed_run(arith_cfg, tmp_path_factory):
-    # the run writes '3 * 4 = 21'; the tools must read it back as 12, as task.complete() does
-    return trained_run(arith_cfg(quant="ternary", max_steps=150, reverse_answers=True), tmp_path_factory)
+    # the run writes '1 * 2 = 20' (answers 2 digits wide, reversed); the tools show '1 * 2 = 2'
+    return trained_run(arith_cfg(quant="ternary", max_steps=150, pad_numbers=True, reverse_answers=True),
+                       tmp_path_factory)
 
 
 @pytest.mark.parametrize("which", ["arith_run", "reversed_run"])
 def test_generate_prints_the_greedy_completion(which, request):
     out, task, model = request.getfixturevalue(which)
-    proc = run(["-m", "bitnet.generate", "--checkpoint", out, "--prompt", "3 * 4 ="])
-    assert proc.returncode == 0, proc.stderr
-    want = "3 * 4 =" + task.complete(model, "3 * 4 =", "cpu").rstrip("\n")
-    assert proc.stdout.strip() == want.strip()
+    proc = run(["-m", "bitnet.generate", "--checkpoint", out, "--prompt", "1 * 2 ="])
+    raw = run(["-m", "bitnet.generate", "--checkpoint", out, "--prompt", "1 * 2 =", "--raw"])
+    assert proc.returncode == 0 and raw.returncode == 0, proc.stderr + raw.stderr
+    prompt = task.domain.prompt(1, "*", 2)
+    written = task.greedy(model, prompt, "cpu").strip()  # what the model writes: '20' for the padded, reversed run
+    assert raw.stdout.strip() == f"{prompt} {written}"
+    assert written == task.domain.written_answer(1, "*", 2)  # it learned the 0-5 table
+    answer = int(written[::-1] if task.domain.reverse_answers else written)
+    assert proc.stdout.strip() == f"1 * 2 = {answer}"
 
 
 @pytest.mark.parametrize("which", ["arith_run", "reversed_run"])
@@ -60,11 +66,26 @@ def test_evaluate_arithmetic_matches_in_process_greedy_decoding(which, request, 
     proc = run(["-m", "bitnet.evaluate", "--checkpoint", out, "--arithmetic", str(path)])
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    hits = [task.complete(model, f"{a} {op} {b} =", "cpu").strip() == str(solve(a, op, b)) for a, op, b in problems]
+    hits = [task.complete(model, task.domain.prompt(a, op, b), "cpu").strip() == task.domain.answer(a, op, b)
+            for a, op, b in problems]
     assert result["n"] == len(problems)
     assert result["accuracy"] == pytest.approx(sum(hits) / len(hits))
     assert result["per_op"]["*"] == pytest.approx(sum(hits) / len(hits))
     assert result["per_op"]["+"] is None and result["accuracy"] > 0.5  # it learned the 0-5 table
+
+
+def test_evaluate_shows_wrong_answers_as_a_person_writes_them(reversed_run, tmp_path):
+    out, task, model = reversed_run
+    path = tmp_path / "problems.txt"
+    path.write_text("1 * 2 = 3\n2 * 2 = 4\n")  # the first expected answer is wrong: the model must miss it
+    written = task.greedy(model, task.domain.prompt(1, "*", 2), "cpu").strip()
+    assert written == "20"  # '02' reversed: what the padded, reversed run writes for 1 * 2
+    shown = run(["-m", "bitnet.evaluate", "--checkpoint", out, "--arithmetic", str(path)])
+    raw = run(["-m", "bitnet.evaluate", "--checkpoint", out, "--arithmetic", str(path), "--raw"])
+    assert shown.returncode == 0 and raw.returncode == 0, shown.stderr + raw.stderr
+    assert "  wrong: 1 * 2 = 2  (want 3)" in shown.stdout.splitlines()
+    assert "  wrong: 1 * 2 = 20  (want 30)" in raw.stdout.splitlines()  # the model's own form: '02' and '03' reversed
+    assert json.loads(shown.stdout.splitlines()[-1]) == json.loads(raw.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("line, needle", [("12 plus 7 = 19", "expected a problem like"),

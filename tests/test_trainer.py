@@ -198,7 +198,7 @@ def test_checkpoint_write_is_atomic_and_keeps_the_previous_one(tmp_path, monkeyp
     with pytest.raises(TrainingError) as e:
         save_checkpoint({"model": {}, "config": {}, "step": 3}, path)
     monkeypatch.undo()
-    assert "No space left on device" in str(e.value) and "\n" not in str(e.value)
+    assert "disk full: could not write the checkpoint" in str(e.value) and "\n" not in str(e.value)
     assert {n: (tmp_path / n).read_bytes() for n in before} == before  # both checkpoints intact
     assert no_temp_files(tmp_path)
 
@@ -438,6 +438,10 @@ def test_time_budget_run_stops_in_time_and_records_its_plan(arith_cfg, tmp_path)
     assert took < 6.0 + 10.0, f"a 6 s budget took {took:.0f} s"  # generous: the machine is shared
     ckpt = load_checkpoint(str(tmp_path))
     assert ckpt["step"] == result["final"]["step"] and ckpt["train_state"]["planned_max_steps"] == result["max_steps"]
+    # a resume trains to the plan it made, and its checkpoints keep that plan for the next resume
+    again = train(cfg, ArithmeticTask(cfg), str(tmp_path), device="cpu", quiet=True, resume=True)
+    assert again["max_steps"] == result["max_steps"] and again["final"]["step"] == result["max_steps"]
+    assert load_checkpoint(str(tmp_path))["train_state"]["planned_max_steps"] == result["max_steps"]
 
 
 def test_stop_when_solved_stops_at_the_first_solved_evaluation(arith_cfg, tmp_path):

@@ -87,8 +87,9 @@ def format_table(checks: list[dict]) -> str:
     for c in checks:
         names = [f"{p} ({severity_of(p)})" for p in (c.get("problems") or [c["suspected_bug"]] if not c["passed"] else [])
                  if p]
-        names += [f"~{d['problem']} (deviation)" for d in c.get("deviations", ())]
-        ev = json.dumps(c["evidence"], default=lambda v: round(v, 6) if isinstance(v, float) else str(v))
+        names += [f"~{d['problem']} (deviation)" for d in c["evidence"].get("deviations") or ()]
+        ev = json.dumps({k: v for k, v in c["evidence"].items() if k != "deviations"},
+                        default=lambda v: round(v, 6) if isinstance(v, float) else str(v))
         lines.append(f"{c['name']:<26} {'pass' if c['passed'] else 'FAIL':<6} {', '.join(names) or '-':<40} {ev[:300]}")
     return "\n".join(lines)
 

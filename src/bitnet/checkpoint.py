@@ -18,7 +18,7 @@ import torch
 from . import config_tiny, distributed
 from .build import build_model
 from .errors import TrainingError, first_line
-from .rundir import CKPT_NAME, atomic_path, forget_metrics_after, fsync_dir, previous_checkpoint
+from .rundir import CKPT_NAME, atomic_path, forget_metrics_after, fsync_dir, previous_checkpoint, raise_if_disk_full
 
 PLUG_DEFAULTS = {"linear_spec": "", "model_spec": "", "optimizer_spec": "", "spec_paths": ""}
 RESUME_MAY_CHANGE = ("max_steps", "eval_interval", "checkpoint_interval_s", "time_budget_s", "grad_accum_steps",
@@ -29,23 +29,38 @@ def save_checkpoint(obj: dict, path: str, keep_previous: bool = True):
     """Write `obj` to `path` so that a kill or a full disk at any moment leaves a loadable file:
     a temporary file, fsync'd, then renamed over `path`. With `keep_previous` the checkpoint it
     replaces stays as ckpt.prev.pt (a hard link made first, so `path` itself never goes missing).
-    An OSError (disk full, permissions) becomes a one-line TrainingError; the old files are intact."""
+    A full or failing disk is DiskFull (exit 4), another OSError (permissions) a one-line
+    TrainingError; either way the old files are intact and the temporary file is gone."""
+    kept = (f"{path} still holds the last good checkpoint" if os.path.exists(path) else "no checkpoint was written yet")
+    then = f"{kept}: free some space, then continue with --resume"
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, "the checkpoint", _tensor_bytes(obj), then) as tmp:
             with open(tmp, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
             if keep_previous and os.path.exists(path):
-                with atomic_path(previous_checkpoint(path)) as prev_tmp:
+                with atomic_path(previous_checkpoint(path), "the previous checkpoint", then=then) as prev_tmp:
                     try:
                         os.link(path, prev_tmp)
                     except OSError:  # a filesystem without hard links
                         shutil.copyfile(path, prev_tmp)
         fsync_dir(os.path.dirname(path) or ".")
     except OSError as e:
-        raise TrainingError(f"could not write checkpoint {path} ({e.strerror or e}); free disk space or fix the "
-                            f"folder's permissions, then continue with --resume (the previous checkpoint is intact)") from None
+        raise_if_disk_full(e, "the checkpoint", path, then=then)
+        raise TrainingError(f"could not write checkpoint {path} ({e.strerror or e}); fix the folder's permissions, "
+                            f"then continue with --resume (the previous checkpoint is intact)") from None
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a nested dict/list: about the size of its checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return len(obj) if isinstance(obj, (str, bytes)) else 0
 
 
 def load_checkpoint(path: str) -> dict:

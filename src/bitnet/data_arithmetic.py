@@ -1,5 +1,6 @@
-"""Synthetic arithmetic: problems like `12 + 7 = 19`, a 32-token character tokenizer,
-and the held-out split that shows generalisation rather than memory.
+"""Synthetic arithmetic: problems like `12 + 7 = 19` (written as text by arithmetic_codec.py:
+the 32-token character tokenizer and the codec), and the held-out split that shows
+generalisation rather than memory.
 
 Default domain (the seed's): '+' and '-' with operands 0-99 (subtraction never
 negative), '*' the times tables 0-12, '/' exact (a = b*c, divisor b 1-12, quotient
@@ -9,80 +10,13 @@ the seed.
 """
 import hashlib
 import math
-import re
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-CHARS = list("0123456789+-*/= \n")
-RESERVED = [f"<r{i}>" for i in range(32 - len(SPECIALS) - len(CHARS))]  # keeps the seed's vocab of 32
-
-
-class CharTokenizer:
-    """Character tokenizer for arithmetic: 4 specials, digits, `+ - * / =`, space, newline."""
-
-    identity = "arith-char32-v1"  # stored in checkpoints; change it if the vocabulary changes
-
-    def __init__(self):
-        self.itos = SPECIALS + CHARS + RESERVED
-        self.stoi = {s: i for i, s in enumerate(self.itos)}
-        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
-        self.newline_id = self.stoi["\n"]
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.itos)
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        bad = sorted({c for c in text if c not in self.stoi})
-        if bad:
-            raise ValueError(f"characters {bad!r} are not in the arithmetic vocabulary (digits, '+-*/=', space)")
-        return ([self.bos_id] if bos else []) + [self.stoi[c] for c in text]
-
-    def decode(self, ids) -> str:
-        return "".join(self.itos[i] for i in ids if i >= len(SPECIALS) and self.itos[i] in CHARS)
-
-
-PROBLEM_RE = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(-?\d+)\s*$")
-
-
-def parse_problem(line: str) -> tuple[int, str, int, int]:
-    """'12 + 7 = 19' -> (12, '+', 7, 19). Raises ValueError on anything else."""
-    m = PROBLEM_RE.match(line)
-    if not m:
-        raise ValueError("expected a problem like '12 + 7 = 19'")
-    return int(m[1]), m[2], int(m[3]), int(m[4])
-
-
-def format_prompt(a: int, op: str, b: int, width_a: int = 0, width_b: int = 0) -> str:
-    """'12 + 7 =', or with widths (pad_numbers) '12 + 07 ='."""
-    return f"{a:0{width_a}d} {op} {b:0{width_b}d} ="
-
-
-PROMPT_RE = re.compile(r"^(\s*)(\d+)\s*([-+*/])\s*(\d+)\s*=(.*)$", re.S)
-
-
-def match_format(prompt: str, number_format: dict) -> str:
-    """A prompt typed as '7 + 12 =' written the way a run trained with pad_numbers saw it
-    ('07 + 12 ='): `number_format` is what the run's task identity recorded ({op: widths});
-    anything else comes back unchanged."""
-    m = PROMPT_RE.match(prompt)
-    if not number_format or not m or m[3] not in number_format:
-        return prompt
-    wa, wb, _ = number_format[m[3]]
-    return m[1] + format_prompt(int(m[2]), m[3], int(m[4]), wa, wb) + m[5]
-
-
-def read_answer(completion: str, reversed_answers: bool) -> str:
-    """A completion as a person reads it: a run trained with reverse_answers writes '019' as
-    ' 910', so its digits are put back in order; the spacing around them is kept."""
-    if not reversed_answers:
-        return completion
-    core = completion.strip()
-    start = completion.index(core) if core else 0
-    return completion[:start] + core[::-1] + completion[start + len(core):]
+from .arithmetic_codec import (CHARS, ArithmeticCodec, CharTokenizer, format_prompt, parse_problem,  # noqa: F401
+                               read_answer)
+from .taskkit import unigram_loss
 
 
 def solve(a: int, op: str, b: int) -> int:
@@ -323,6 +257,23 @@ class ArithmeticTask:
             ident["reverse_answers"] = True  # the tools put a completion's digits back in order
         return ident
 
+    @staticmethod
+    def codec(identity: dict) -> ArithmeticCodec:
+        """The codec of a checkpoint with this identity (tasks.codec_for)."""
+        if identity.get("tokenizer") != CharTokenizer.identity:
+            raise ValueError(f"checkpoint tokenizer {identity.get('tokenizer')!r} is not this version's "
+                             f"{CharTokenizer.identity!r}")
+        return ArithmeticCodec(identity.get("number_format") or {}, bool(identity.get("reverse_answers")))
+
+    @staticmethod
+    def identity_of_tokenizer(tokenizer_json: str) -> dict | None:
+        """A transformers folder whose tokenizer is our character vocabulary holds an arithmetic model."""
+        from tokenizers import Tokenizer
+
+        chars = CharTokenizer()
+        return {"task": ArithmeticTask.name, "tokenizer": chars.identity} \
+            if Tokenizer.from_str(tokenizer_json).get_vocab() == chars.stoi else None
+
     def get_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # stateless: resumes exactly
         return encode_problems(self.domain.sample(batch_size, g, "train"), self.tok, self.cfg.train_on == "answer",
@@ -423,14 +374,17 @@ class ArithmeticTask:
 
     @torch.no_grad()
     def sample_lines(self, model, device, g, n_per_op: int = 2) -> list[str]:
-        """Greedy completions of a few prompts, marked right or wrong, as the seed prints them."""
+        """Greedy completions of a few prompts, marked right or wrong, as the seed prints them:
+        '5 + 3 = 8  ok', written as a person writes it whatever the training format."""
+        codec = self.codec(self.identity())
         lines = []
         for op in self.domain.operators:
             for a, op_, b in self.domain.sample(n_per_op, g, "train", ops=op):
-                prompt, want = self.domain.prompt(a, op_, b), self.domain.answer(a, op_, b)
-                got = self.complete(model, prompt, device)
-                ok = got.strip() == want
-                lines.append(f"{prompt}{got.rstrip()}  {'ok' if ok else 'WRONG, want ' + want}")
+                prompt = self.domain.prompt(a, op_, b)
+                written = self.greedy(model, prompt, device)
+                ok = written.strip() == self.domain.written_answer(a, op_, b)
+                line = codec.display(prompt + written.rstrip("\n"))
+                lines.append(f"{line}  {'ok' if ok else f'WRONG, want {solve(a, op_, b)}'}")
         return lines
 
     def prompt_ids(self, prompt: str) -> list[int]:
@@ -442,24 +396,18 @@ class ArithmeticTask:
         text = self.tok.decode(row)
         return text[:text.index("=") + 1] if "=" in text else None
 
-    def complete(self, model, prompt: str, device, max_new_tokens: int = 8) -> str:
+    def greedy(self, model, prompt: str, device, max_new_tokens: int = 8) -> str:
+        """The model's own greedy completion of a training-format prompt ('07 + 12 =' -> ' 910\\n')."""
         ids = torch.tensor([self.prompt_ids(prompt)], device=device)
         out = model.generate(ids, max_new_tokens, stop_token=self.tok.newline_id)
-        return read_answer(self.tok.decode(out[0, ids.shape[1]:].tolist()), self.domain.reverse_answers)
+        return self.tok.decode(out[0, ids.shape[1]:].tolist())
+
+    def complete(self, model, prompt: str, device, max_new_tokens: int = 8) -> str:
+        """The greedy completion with its digits in the usual order (' 019\\n'), still padded."""
+        return read_answer(self.greedy(model, prompt, device, max_new_tokens), self.domain.reverse_answers)
 
 
 # --- inputs of the diagnosis, computed where their data lives ---
-
-def unigram_loss(get_batch, n_batches: int = 20, batch_size: int = 32) -> float:
-    """Cross-entropy of the best context-free guess (the training targets' own frequencies):
-    a model that beats it has learned something beyond token counts."""
-    counts = Counter()
-    for step in range(n_batches):
-        _, y = get_batch(step, batch_size)
-        counts.update(y[y != -100].tolist())
-    total = sum(counts.values())
-    return -sum(c / total * math.log(c / total) for c in counts.values())
-
 
 def arithmetic_answers(task, model, per_operator: int = 5) -> list[str]:
     """Greedy answers to a few training-distribution problems. The prompt includes the space

@@ -27,8 +27,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data_tinystories import (EOT, TinyStoriesTask, check_vocab, hub_offline, load_tokenizer,
-                               token_byte_lengths)
+from .data_tinystories import TinyStoriesTask, hub_offline
+from .taskkit import unigram_loss
+from .text_tokenizer import EOT, check_vocab, load_tokenizer, token_byte_lengths
 
 HUB_DATASET, HUB_CONFIG = "HuggingFaceFW/fineweb-edu", "sample-10BT"
 LOCAL_HELP = ("give local jsonl or parquet files with a 'text' field with --data-files FILE [FILE ...] "
@@ -198,6 +199,5 @@ class FineWebTask(TinyStoriesTask):
         self.pending_state, self.stream = state, None  # the stream opens at the first batch, at this position
 
     def milestones(self) -> dict[str, float]:
-        from .data_arithmetic import unigram_loss
         ln_v, uni = math.log(self.cfg.vocab_size), unigram_loss(self.get_batch, 10, 16)
         return {f"ln(vocab) {ln_v:.2f}": ln_v, f"unigram {uni:.2f}": uni}

@@ -1,5 +1,5 @@
-"""TinyStories: story loading (local files or the hub), the byte-level BPE tokenizer,
-token caches, and the task the shared trainer runs.
+"""TinyStories: story loading (local files or the hub), token caches, and the task the
+shared trainer runs (its byte-level BPE is in text_tokenizer.py).
 
 Sources. Local files in the official format (each story followed by a line `<|endoftext|>`),
 or `roneneldan/TinyStories` streamed from the hub with `datasets`. Either way a story is
@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .rundir import atomic_path
-
-EOT = "<|endoftext|>"
-PAD = "<|pad|>"
+from .taskkit import TextCodec, unigram_loss
+from .text_tokenizer import (EOT, PAD, check_vocab, foreign_text_codec, load_tokenizer,  # noqa: F401
+                             save_tokenizer, token_byte_lengths, tokenizer_from_identity, train_bpe)
+from .words import words_of
 HUB_DATASET = "roneneldan/TinyStories"
 PROMPTS = ("Once upon a time", "Lily and Ben", "The little dog")
 LOADER_VERSION = "v1"  # part of every cache key: bump it when the story normalisation changes
@@ -188,80 +189,7 @@ def add_data_args(parser):
 def sources_from_args(args):
     return resolve_sources(args.data_dir, args.train_file, args.val_file)
 
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def train_bpe(stories: Iterable[str], vocab_size: int = 2048, show_progress: bool = True):
-    """A byte-level BPE: every byte is in the alphabet and nothing is normalised, so any text
-    round-trips exactly. `<|endoftext|>` (id 0) and the pad token (id 1) are special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
-    batches = iter(lambda it=iter(stories): list(itertools.islice(it, 1000)), [])  # lists of 1000: fewer calls
-    tok.train_from_iterator(batches, trainer=trainer)
-    return tok
-
-
-def save_tokenizer(tok, out_dir: str):
-    """tokenizer.json plus the config files `transformers.AutoTokenizer.from_pretrained(out_dir)` reads.
-    tokenizer.json is moved in last, so its presence means the folder is complete."""
-    from transformers import PreTrainedTokenizerFast
-
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=PAD,
-                                   clean_up_tokenization_spaces=False)  # the cleanup would break round-trips
-    tmp = f"{out_dir.rstrip('/')}.tmp.{os.getpid()}"
-    fast.save_pretrained(tmp)
-    os.makedirs(out_dir, exist_ok=True)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == "tokenizer.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)
-
-
-def load_tokenizer(tokenizer_dir: str):
-    """(tokenizers.Tokenizer, the tokenizer.json text) from a folder written by save_tokenizer."""
-    from tokenizers import Tokenizer
-
-    path = os.path.join(tokenizer_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir}; train one with "
-                                f"python train_tinystories_tokenizer.py --out-dir {tokenizer_dir}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    tok = Tokenizer.from_str(text)
-    if tok.token_to_id(EOT) is None:
-        raise ValueError(f"{path} has no {EOT} token; train the tokenizer with train_tinystories_tokenizer.py")
-    return tok, text
-
-
-def check_vocab(tok, cfg, tokenizer_dir: str):
-    if tok.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} has {tok.get_vocab_size()} tokens but "
-                         f"vocab_size is {cfg.vocab_size}; pass --set vocab_size={tok.get_vocab_size()}")
-
-
-def tokenizer_from_identity(identity: dict):
-    """The tokenizer a checkpoint was trained with (its task identity holds the tokenizer.json text)."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(identity["tokenizer"])
-
-
-def token_byte_lengths(tok) -> np.ndarray:
-    """UTF-8 bytes that each token id stands for (0 for special tokens). Summed over any window they
-    give its exact byte count, even where the window cuts a multi-byte character in two."""
-    from tokenizers import pre_tokenizers
-
-    byte_chars = set(pre_tokenizers.ByteLevel.alphabet())  # byte-level BPE writes one char per byte
-    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    lengths = np.zeros(tok.get_vocab_size(), dtype=np.int64)
-    for piece, i in tok.get_vocab().items():
-        if i not in special:
-            lengths[i] = len(piece) if set(piece) <= byte_chars else len(tok.decode([i]).encode("utf-8"))
-    return lengths
+# ----------------------------------------------------------------------------- tokens
 
 
 def encode_stories(tok, stories: list[str]) -> np.ndarray:
@@ -307,7 +235,7 @@ def build_token_cache(source, tok, path: str) -> int:
         raise ValueError(f"the tokenizer has {tok.get_vocab_size()} tokens; the uint16 cache holds at most 65,536")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     t0, n_tokens = time.time(), 1
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, "the token cache", then="free some space and run again") as tmp, open(tmp, "wb") as f:
         np.array([tok.token_to_id(EOT)], dtype=np.uint16).tofile(f)
         stories = tqdm(iter_stories(source), desc=f"tokenizing {source}", unit=" stories",  # delay: no bar for
                        file=sys.stderr, mininterval=2.0, leave=False, delay=2.0)  # a quick job or a bad file's error
@@ -404,6 +332,14 @@ class TinyStoriesTask:
     def identity(self) -> dict:
         return {"task": self.name, "tokenizer": self.tokenizer_json}  # the checkpoint carries its tokenizer
 
+    @staticmethod
+    def codec(identity: dict) -> TextCodec:
+        """The codec of a checkpoint with this identity (tasks.codec_for): training puts
+        <|endoftext|> before every document, so prompts start with it too."""
+        tok = tokenizer_from_identity(identity)
+        eot = tok.token_to_id(EOT)
+        return TextCodec(tok, eot, prefix=(eot,), pad_id=tok.token_to_id(PAD))
+
     def get_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows of the training stream, a pure function of (seed, step): resumes exactly."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
@@ -427,13 +363,11 @@ class TinyStoriesTask:
     metric_keys = ["bits_per_byte", "train_loss_eval"]
 
     def milestones(self) -> dict[str, float]:
-        from .data_arithmetic import unigram_loss
         ln_v, uni = math.log(self.cfg.vocab_size), unigram_loss(self.get_batch, 10, 16)
         return {f"ln(vocab) {ln_v:.2f}": ln_v, f"unigram {uni:.2f}": uni, "5.0 (seed: stuck above)": 5.0,
                 "2.0 (target)": 2.0}
 
     def diagnosis_inputs(self, model) -> dict:
-        from .words import words_of
         if not self.last_samples:
             self.last_samples = self.generate_stories(model, next(model.parameters()).device)
         known = set(words_of(self.tok.decode(self.train_tokens[:1_000_000].tolist())))

@@ -1,6 +1,8 @@
 """How a run fails or stops: the error family, SIGTERM/SIGINT, and `run_main`, which turns both
 into one line on stderr and an exit code. A leaf: it imports nothing from the package."""
 import contextlib
+import errno
+import re
 import signal
 import sys
 import threading
@@ -21,6 +23,38 @@ class Broken(TrainingError):
     exit_code = 1
 
 
+class DiskFull(TrainingError):
+    """A write of ours failed: no space left (or a quota), or an I/O error. Exit code 4: the last
+    good checkpoint is kept, and the same command (with --resume) continues once there is space."""
+    exit_code = 4
+
+
+# errnos of a full or failing disk, and the texts torch, safetensors and numpy wrap them in
+# (torch.save: "[enforce fail at inline_container.cc:672] unexpected pos"; safetensors:
+# "SafetensorError: ... No space left on device (os error 28)"; ndarray.tofile, an OSError
+# without an errno: "3997 requested and 0 written")
+DISK_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EIO: "I/O error"}
+DISK_TEXTS = {"No space left on device": "disk full", "Disk quota exceeded": "disk quota exceeded",
+              "Input/output error": "I/O error", "unexpected pos": "disk full (or an I/O error)"}
+SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+AFTER_DISK_FULL = "the last good checkpoint is kept: free some space, then run the same command again (--resume continues a run)"
+
+
+def disk_trouble(e: BaseException) -> str | None:
+    """'disk full', 'I/O error', ... when `e` is a write that failed for want of space or a failing
+    disk (an OSError, or torch's and safetensors' wrappers of one); None otherwise."""
+    if isinstance(e, DiskFull) or not isinstance(e, Exception):
+        return None
+    cause = e.__cause__ or e.__context__  # torch.save's RuntimeError holds the OSError it swallowed
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return DISK_ERRNOS[e.errno]
+    if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
+        return DISK_ERRNOS[cause.errno]
+    if isinstance(e, OSError) and SHORT_WRITE.search(str(e)):
+        return "disk full (or an I/O error)"
+    return next((why for text, why in DISK_TEXTS.items() if text in str(e)), None)
+
+
 class Interrupted(TrainingError):
     """SIGTERM or SIGINT: the checkpoint is saved; exit 128 + the signal's number, as a shell would."""
 
@@ -38,11 +72,16 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 def run_main(main):
     """Run `main()`, turning expected problems into one line on stderr and an exit code:
-    0 done, 1 the verdict is BROKEN, 2 bad input, 3 non-finite loss, 130/143 stopped by SIGINT/SIGTERM
-    after saving."""
+    0 done, 1 the verdict is BROKEN, 2 bad input, 3 non-finite loss, 4 disk full (or failing), 130/143 stopped
+    by SIGINT/SIGTERM after saving. A disk error that no writer of ours named (a library's own write) still
+    gets one line."""
     try:
         return main()
-    except (TrainingError, ValueError, OSError, UnicodeDecodeError) as e:
+    except Exception as e:  # noqa: BLE001 - only the expected kinds are caught; the rest re-raise
+        if disk_trouble(e):
+            e = DiskFull(f"{disk_trouble(e)}: {first_line(e)}; {AFTER_DISK_FULL}")
+        elif not isinstance(e, (TrainingError, ValueError, OSError, UnicodeDecodeError)):
+            raise
         code = getattr(e, "exit_code", 2)
         print(f"{'stopped' if code > 128 else 'verdict' if code == 1 else 'error'}: {e}", file=sys.stderr)
         sys.exit(code)

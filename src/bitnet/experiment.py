@@ -14,7 +14,7 @@ from .build import build_model, check_user_stack, make_optimizer, with_data_bug
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
 from .diagnose.early import STOP_FILE, Watch, ask_to_stop, check_before_training, twin_behind
-from .diagnose.rules import target_unigram_loss
+from .diagnose.rules import context_free_baseline
 from .distributed import is_main_process
 from .errors import Broken, TrainingError, stop_on_signals
 from .rundir import CKPT_NAME, METRICS_NAME, out_dir_lock, previous_checkpoint, write_json_atomic
@@ -86,7 +86,8 @@ def run_pair(args, cfg, task, script: str, report, child_args=(), conclude=None)
     """The ternary model and its twin (run_twin), then the comparison and one verdict for the pair."""
     if plugged.parts(cfg):  # the user's code fails here, in one line, rather than in both children
         check_user_stack(cfg)
-    baseline = target_unigram_loss(task.get_batch) if callable(getattr(task, "get_batch", None)) else None
+    # the verdict's baseline: the loss reachable from the previous token alone
+    baseline = context_free_baseline(task.get_batch)["loss"] if callable(getattr(task, "get_batch", None)) else None
 
     def judge(ternary: list[dict], twin: list[dict]) -> str | None:
         return twin_behind(ternary, twin, cfg.vocab_size, cfg.warmup_steps, baseline, **task.learning_kwargs)
@@ -178,7 +179,8 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
         err = TrainingError(("twin run stopped (continue with --resume): " if stopped else "twin run failed: ")
                             + "; ".join(failed))
         real = codes - {130, 143}  # a run that failed (the other was stopped so as not to wait for it)
-        err.exit_code = (codes.pop() if len(codes) == 1 else 2) if stopped else (3 if real == {3} else 2)
+        err.exit_code = ((codes.pop() if len(codes) == 1 else 2) if stopped
+                         else real.pop() if len(real) == 1 and real <= {3, 4} else 2)  # NaN or disk full: say so
         raise err
     summaries = {}
     for name in procs:

@@ -30,7 +30,8 @@ from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import TrainingError, run_main
 from .model import BitNetDecoderLayer, BitNetForCausalLM
 from .packing import pack_model, pack_ternary, unpacked_state_dict
-from .rundir import write_json_atomic
+from .rundir import fsync_dir, fsync_files, raise_if_disk_full, remove_stale_temps, write_json_atomic
+from .tasks import codec_for, identity_of_tokenizer
 
 SIDECAR = "bitnet_tiny.json"
 SIDECAR_FORMAT = "bitnet-tiny-export-v1"
@@ -41,51 +42,6 @@ LINEAR_CLASSES = ("autobitlinear", "bitlinear")
 def is_hf_dir(path: str) -> bool:
     """A transformers model folder (config.json), as opposed to a run folder or ckpt.pt."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-
-
-# ---------------------------------------------------------------------------------- tokenizers
-def arithmetic_tokenizer():
-    """data_arithmetic.CharTokenizer as a transformers PreTrainedTokenizerFast with the same ids:
-    one token per character, <bos> prepended, specials (and the unused <rN>) skipped on decode."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from .data_arithmetic import CHARS, CharTokenizer
-
-    chars = CharTokenizer()
-    tok = Tokenizer(models.WordLevel(vocab=dict(chars.stoi), unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
-    tok.decoder = decoders.Fuse()  # join the pieces without spaces
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", chars.bos_id)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", clean_up_tokenization_spaces=False)
-    fast.add_special_tokens({"additional_special_tokens": [t for t in chars.itos if t not in CHARS
-                                                           and t not in ("<pad>", "<bos>", "<eos>", "<unk>")]})
-    return fast
-
-
-def save_task_tokenizer(identity: dict, out_dir: str) -> dict:
-    """Write tokenizer files for the run's task; returns the special ids for config.json and
-    generation_config.json (stop = the token our generate stops on)."""
-    task = identity.get("task")
-    if task == "arithmetic":
-        from .data_arithmetic import CharTokenizer
-        chars = CharTokenizer()
-        if identity.get("tokenizer") != chars.identity:
-            raise TrainingError(f"checkpoint tokenizer {identity.get('tokenizer')!r} is not this version's {chars.identity!r}")
-        arithmetic_tokenizer().save_pretrained(out_dir)
-        return {"bos": chars.bos_id, "stop": chars.newline_id, "pad": chars.pad_id, "max_new_tokens": 8}
-    if task == "tinystories":
-        from tokenizers import processors
-
-        from .data_tinystories import EOT, PAD, save_tokenizer, tokenizer_from_identity
-        tok = tokenizer_from_identity(identity)
-        eot = tok.token_to_id(EOT)
-        # training puts <|endoftext|> before every story, so a transformers prompt gets it too
-        tok.post_processor = processors.TemplateProcessing(single=f"{EOT} $A", special_tokens=[(EOT, eot)])
-        save_tokenizer(tok, out_dir)
-        return {"bos": eot, "stop": eot, "pad": tok.token_to_id(PAD), "max_new_tokens": 200}
-    raise TrainingError(f"checkpoint was trained on an unknown task {task!r}; cannot write its tokenizer")
 
 
 # ---------------------------------------------------------------------------------- export
@@ -157,11 +113,16 @@ def export(checkpoint: str, out_dir: str, packed: bool = False, linear_class: st
     if os.path.exists(out_dir) and os.listdir(out_dir):
         if not os.path.isfile(os.path.join(out_dir, SIDECAR)):
             raise ValueError(f"{out_dir} exists and is not an earlier export; choose a new --out")
-    tmp = f"{out_dir.rstrip('/')}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # written whole into OUT.tmp.PID beside OUT, then renamed: no folder looks complete unless it is
+    out_dir = out_dir.rstrip("/")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    tmp = f"{out_dir}.tmp.{os.getpid()}"
+    state = export_state_dict(model, packed, linear_class)
     try:
-        ids = save_task_tokenizer(ckpt.get("task") or {}, tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        remove_stale_temps(parent, only=os.path.basename(out_dir))  # those of killed exports
+        ids = codec_for(ckpt.get("task") or {}).save_pretrained(tmp)  # tokenizer files; the ids config.json names
         qcfg = quantization_config(cfg.quant, packed, linear_class)
         hf_config(cfg, ids, qcfg).save_pretrained(tmp)
         config_path = os.path.join(tmp, "config.json")
@@ -170,15 +131,24 @@ def export(checkpoint: str, out_dir: str, packed: bool = False, linear_class: st
         write_json_atomic(config_path, hf)
         GenerationConfig(bos_token_id=ids["bos"], eos_token_id=ids["stop"], pad_token_id=ids["pad"],
                          do_sample=False, max_new_tokens=ids["max_new_tokens"]).save_pretrained(tmp)
-        save_file(export_state_dict(model, packed, linear_class), os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
+        save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "pt"})
         write_json_atomic(os.path.join(tmp, SIDECAR), {
             "format": SIDECAR_FORMAT, "source": os.path.abspath(checkpoint), "packed": packed,
             "linear_class": linear_class if qcfg else None, "config": asdict(cfg),
             "config_class": type(cfg).__name__, "task": ckpt.get("task") or {}, "step": ckpt.get("step", 0),
             "history": ckpt.get("history", [])})
+        fsync_files(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)  # a complete folder or none
+        fsync_dir(parent)
+    except Exception as e:
+        written = sum(os.path.getsize(os.path.join(tmp, n)) for n in os.listdir(tmp) if n != WEIGHTS) \
+            if os.path.isdir(tmp) else 0  # tokenizer and config files
+        shutil.rmtree(tmp, ignore_errors=True)  # first, so the free space reported is what there is
+        raise_if_disk_full(e, "the export", out_dir, written + sum(v.numel() * v.element_size() for v in state.values()),
+                           whole=True, then="nothing was exported (the checkpoint is untouched): free some space and export again")
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -241,14 +211,7 @@ def text_identity(path: str, hf: dict) -> dict:
     eos = (_read_json(gen) if os.path.isfile(gen) else {}).get("eos_token_id", hf.get("eos_token_id"))
     eos = eos[0] if isinstance(eos, list) else eos
     with open(tok_path, encoding="utf-8") as f:
-        text = f.read()
-    from tokenizers import Tokenizer
-
-    from .data_arithmetic import CharTokenizer
-    chars = CharTokenizer()
-    if Tokenizer.from_str(text).get_vocab() == chars.stoi:  # our character vocabulary: the arithmetic task
-        return {"task": "arithmetic", "tokenizer": chars.identity}
-    return {"task": "text", "tokenizer": text, "eos_token_id": eos}
+        return identity_of_tokenizer(f.read(), eos)  # a task claims its own tokenizer; else plain text
 
 
 def load_hf_bitnet_dir(path: str, latent: bool = True) -> dict:

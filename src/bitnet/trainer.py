@@ -6,13 +6,10 @@ An experiment hands over a *task* object with:
                                         function of (seed, step), so a resumed run sees the same data
   evaluate(model, device, step) -> dict metrics; the key "samples" holds printable lines
   format_eval(metrics) -> str           one line for the log
-train() reads top to bottom: setup (model, optimizer, resume), then per step train_step (the
-update), log_progress, replan (the time budget) and after_step (evaluate, checkpoint, stop),
-then finish. What they share is one `Run`. The parts live beside it: build.py (model, optimizer,
-device), schedule.py (LR/WD, time budget), checkpoint.py (format, RNG, resume), rundir.py
-(atomic writes, file names), distributed.py (torchrun), errors.py (errors and signals).
+train() reads top to bottom: setup, then per step train_step, log_progress, replan (the time
+budget) and after_step (evaluate, save, stop), then finish, all sharing one `Run`. The parts are
+in build.py, schedule.py, checkpoint.py, rundir.py, distributed.py and errors.py.
 """
-import json
 import math
 import os
 import signal
@@ -29,7 +26,7 @@ from .checkpoint import checkpoint_contents, restore_run, save_checkpoint, seed_
 from .config_tiny import BitNetConfig
 from .errors import Interrupted, NonFiniteLoss, TrainingError, stop_requested
 from .plugged import parts, shown, twin_kind
-from .rundir import CKPT_NAME, METRICS_NAME, forget_metrics_after
+from .rundir import CKPT_NAME, METRICS_NAME, append_metrics, forget_metrics_after
 from .schedule import TimeBudget, apply_schedule, lr_and_wd
 from .train_signals import TrainingSignals
 
@@ -81,16 +78,7 @@ class Run:
     def record(self, entry: dict):
         """One line of metrics.jsonl (rank 0 alone writes it)."""
         if self.ctx.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-
-def non_finite_error(what: str, value: float, step: int, cfg: BitNetConfig, bf16: bool, ckpt_path: str) -> NonFiniteLoss:
-    kept = f"last good checkpoint kept: {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
-    causes = f"learning_rate too high (now {cfg.learning_rate:g}; try --set learning_rate={cfg.learning_rate / 2:g})"
-    causes += " or bf16 overflow (try --set dtype=fp32)" if bf16 else " or bad data"
-    return NonFiniteLoss(f"{what} became {value} at step {step}; stopped before the update ({kept}). "
-                         f"Likely cause: {causes}")
+            append_metrics(self.metrics_path, entry)
 
 
 def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: bool = False,
@@ -127,27 +115,28 @@ def setup(cfg: BitNetConfig, task, out_dir: str, device: str, resume, on_eval, q
     seed_everything(cfg.seed)
     model = build_model(cfg).to(ctx.device)
     run = Run(cfg, task, ctx, model, make_optimizer(model, cfg, ctx.device), out_dir, on_eval, log, quiet)
+    run.amp = autocast_for(ctx.device, cfg.dtype)
     train_state = {}
     if resume:  # True: OUT_DIR/ckpt.pt; a path: that checkpoint (e.g. ckpt.prev.pt when ckpt.pt is damaged)
         source = run.ckpt_path if resume is True else str(resume)
         run.step, run.history, train_state = restore_run(source, cfg, task, model, run.opt, run.metrics_path,
                                                          on_eval, ctx)
-        if train_state.get("planned_max_steps"):  # a time-budgeted run keeps the plan it made
+        if train_state.get("planned_max_steps"):  # a time-budgeted run keeps the plan it made, and saves it again
             run.cfg = replace(cfg, max_steps=train_state["planned_max_steps"], time_budget_s=0.0)
+            run.planned = True
         run.keep_previous = source == run.ckpt_path  # a damaged ckpt.pt must not become the new "previous good" one
         log(f"resumed from {source} at step {run.step}")
     elif ctx.is_main and os.path.exists(run.metrics_path):
         os.remove(run.metrics_path)  # a fresh run starts a fresh log
     run.first_loss, run.loss_ema = train_state.get("first_loss"), train_state.get("loss_ema")
-    run.signals = TrainingSignals(model, run.opt, train_state.get("param_fingerprints"))  # a resume judges from step 0 too
-    run.saved_step, run.budget = run.step, TimeBudget(run.cfg, run.step)
-    run.start_step = run.step
+    run.saved_step = run.start_step = run.step
+    run.budget = TimeBudget(run.cfg, run.step)
     run.solved = getattr(task, "solved", None) if cfg.stop_when_solved else None
-    run.amp = autocast_for(ctx.device, cfg.dtype)
     # The compiled module shares the model's parameters; evaluation and generation use the plain
     # model, whose shapes vary (compiling those would recompile again and again).
     run.ddp_model = distributed.wrap(model, ctx)  # the model itself for one process
     run.train_model = torch.compile(run.ddp_model) if cfg.compile else run.ddp_model
+    run.signals = TrainingSignals(model, run.opt, train_state.get("param_fingerprints"))  # a resume judges from step 0 too
     run.flops_per_token, run.peak_flops = plan.flops_per_token(model), plan.peak_flops(cfg, ctx.device)
     log(f"model: {model.num_parameters() / 1e6:.2f}M parameters ({cfg.quant}), {type(cfg).__name__}, device "
         f"{ctx.device}, {'bf16 autocast' if isinstance(run.amp, torch.autocast) else 'fp32'}, "
@@ -202,8 +191,14 @@ def forward_loss(run: Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def non_finite(run: Run, what: str, value: float) -> NonFiniteLoss:
+    """The error that stops training before an update that would write NaN/Inf into the weights."""
     run.record({"kind": "error", "step": run.step, "error": f"non-finite {what}"})
-    return non_finite_error(what, value, run.step, run.cfg, isinstance(run.amp, torch.autocast), run.ckpt_path)
+    cfg, path = run.cfg, run.ckpt_path
+    kept = f"last good checkpoint kept: {path}" if os.path.exists(path) else "no checkpoint yet"
+    causes = f"learning_rate too high (now {cfg.learning_rate:g}; try --set learning_rate={cfg.learning_rate / 2:g})"
+    causes += " or bf16 overflow (try --set dtype=fp32)" if isinstance(run.amp, torch.autocast) else " or bad data"
+    return NonFiniteLoss(f"{what} became {value} at step {run.step}; stopped before the update ({kept}). "
+                         f"Likely cause: {causes}")
 
 
 def log_progress(run: Run, lr: float, loss: float, grad_norm: float):

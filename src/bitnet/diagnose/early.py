@@ -15,7 +15,8 @@ detectors read (trainer.TrainingSignals) and stops when the evidence is decisive
   - a parent's request (a twin run: the other model stopped, or twin_behind() is decisive).
 Non-finite losses and gradients stop the trainer at once already (errors.NonFiniteLoss).
 
-twin_behind(): the twin learns while the ternary model stays near the unigram loss, judged on the
+twin_behind(): the twin learns while the ternary model stays near the baseline (the loss reachable
+from the previous token alone, rules.context_free_baseline), judged on the
 evaluations both runs logged, strictly (half of rules.BEHIND_SHARE, two evaluations in a row, the
 second at least 2 x warm-up): a healthy ternary loss curve is S-shaped and early evaluations mislead.
 """
@@ -139,7 +140,7 @@ def twin_behind(ternary: list[dict], twin: list[dict], vocab_size: int, warmup_s
                 baseline: float | None, **learning_kwargs) -> str | None:
     """A reason when, at the last two evaluations both runs logged (the second at step >=
     2 x warm-up), the twin learns and the ternary model came less than TWIN_BEHIND_SHARE of the
-    twin's way from `baseline` (the unigram loss) each time; else None."""
+    twin's way from `baseline` (rules.context_free_baseline) each time; else None."""
     fp_at = {h["step"]: i for i, h in enumerate(twin) if "val_loss" in h}
     common = [(i, fp_at[h["step"]]) for i, h in enumerate(ternary) if "val_loss" in h and h["step"] in fp_at
               and h["step"] > 0]

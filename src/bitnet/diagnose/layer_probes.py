@@ -18,18 +18,17 @@ The usual mistakes and the harmless conventions are fitted jointly, so a layer w
 faults gets every one named and a convention (a 128 grid, a per-row weight scale, scales applied
 after the matmul, a gradient scaled per tensor) is listed as a deviation, never as a bug.
 Each check returns `result(...)` (name, passed, evidence, suspected_bug) plus, when it names
-several, `problems` and `severity`, and `deviations` ({"problem", "measured"}); the names,
+several, `problems` and `severity`, and evidence["deviations"] ({"problem", "measured"}); the names,
 severities and fixes are those of problems.py.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .problems import DEVIATION, FATAL, HARMFUL, is_deviation, severity_of
-from .reference import (activation_quant_128, layer_normalized, named, on_int8_grid,  # noqa: F401 - result is re-exported
-                        per_tensor_activation_quant, reference_activation_quant, reference_weight_quant,
-                        reference_weight_quant_per_row, rel, result, rms_normalized, typical_error)
-from .watch import MatmulCall, Observation, observe, quiet_call
+from .problems import is_deviation
+from .reference import (badness, deviation_size, fitted_factor, layer_normalized, missing_scales,  # noqa: F401
+                        named, on_int8_grid, output_candidates, reference_activation_quant, reference_weight_quant,
+                        rel, result, rms_normalized, spread, typical_error)  # result is re-exported
+from .watch import MatmulCall, Observation, captured_stdout, observe, quiet_call
 
 
 def near(a: float, b: float, tol: float = 1e-3) -> bool:
@@ -68,6 +67,12 @@ def check_weight_operand(call: MatmulCall | None, latent: torch.Tensor) -> dict:
     if zero_share == 0.0 and want_zero_share > 0.05:
         return result(name, False, {**ev, "why": "two values +-c and no zeros"}, "binary_not_ternary")
     mismatched = float((torch.sign(b) != want).double().mean())
+    row_mean = w.abs().mean(dim=1, keepdim=True).clamp(min=1e-5)
+    if mismatched > 1e-3 and not mean_abs.dim():  # integer levels (one magnitude) in the per-row pattern?
+        row_mismatched = float((torch.sign(b) != (w / row_mean).round().clamp(-1, 1)).double().mean())
+        if row_mismatched <= 1e-3:
+            mean_abs, mismatched, ev["scale_per"] = row_mean, row_mismatched, "output row"
+            magnitude = b.abs().amax(dim=1, keepdim=True)
     ev["pattern_mismatch_share"] = mismatched
     if mismatched > 1e-3:
         return result(name, False, {**ev, "why": "ternary pattern differs from round(W/mean|W|)"},
@@ -197,14 +202,16 @@ def own_input_modules(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -
         if module is layer or any(p is weight for p in module.parameters()):
             continue
         try:
-            u = first_tensor(quiet_call(module, x))
+            u = first_tensor(quiet_call(module, x.clone()))  # a copy: a module may work in place
         except Exception:  # not a module of the input (a projection of another shape, a container)
             continue
         if not torch.is_tensor(u) or u.shape != x.shape or not u.is_floating_point() or not torch.isfinite(u).all():
             continue
-        rows = u.reshape(-1, u.shape[-1])
-        if on_int8_grid(u) is not None or max(len(r.unique()) for r in rows) <= 3:
-            continue
+        rows = u.reshape(-1, u.shape[-1]).double()
+        levels = rows.abs().amax(-1)
+        if (on_int8_grid(u) is not None or max(len(r.unique()) for r in rows) <= 3
+                or bool(((levels - 127).abs() <= 1e-3).logical_or((levels - 128).abs() <= 1e-3).all())):
+            continue  # part of a quantizer: on a grid, or scaled to the int8 range
         if typical_error(u, x) < 1e-9 or any(typical_error(u, v) < 1e-9 for v in outputs):
             continue
         found[f"module {name}"] = module
@@ -212,12 +219,18 @@ def own_input_modules(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -
     return found
 
 
+def module_output(module, t):
+    """module(t) on a copy of t (a module may work in place), its prints kept out of our output."""
+    with captured_stdout([]):
+        return first_tensor(module(t.clone()))
+
+
 def input_candidates(layer, x, weight, normalizes: bool) -> dict:
     """name -> function of x: what the quantizer may receive. The layer's own modules come first,
     then unit-gain norms (for a norm applied without a registered module) when the layer
     ignores its input's scale."""
     fns = {"input": lambda t: t}
-    fns.update({k: (lambda t, m=m: first_tensor(m(t))) for k, m in own_input_modules(layer, x, weight).items()})
+    fns.update({k: (lambda t, m=m: module_output(m, t)) for k, m in own_input_modules(layer, x, weight).items()})
     if normalizes:
         fns.update(NORMS)
     return fns
@@ -233,97 +246,7 @@ def input_normalized(layer, x, y, bias) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The output, against the recipe and its usual mistakes, taken jointly
-
-
-def token_max(t):
-    return t.abs().amax(-1, keepdim=True).clamp(min=1e-5)
-
-
-def sign_scaled(u):  # XNOR-net style: sign(x) times mean|x| per token
-    return torch.sign(u) * u.abs().mean(-1, keepdim=True)
-
-
-# name -> (quantizer, problems, the scale it multiplies by (a rescale may be missing), or None)
-ACTIVATIONS = {
-    "int8 per token": (reference_activation_quant, (), lambda u: 127.0 / token_max(u)),
-    "128 grid": (activation_quant_128, ("act_grid_128",), lambda u: 128.0 / token_max(u)),
-    "int8 per tensor": (per_tensor_activation_quant, ("per_tensor_act_scale",), lambda u: 127.0 / u.abs().amax()),
-    "not rounded": (lambda u: u, ("act_not_rounded",), None),
-    "sign": (torch.sign, ("binary_activations",), None),
-    "sign * mean|x|": (sign_scaled, ("binary_activations",), None),
-}
-
-
-def weight_candidates(w):
-    mean_abs = w.abs().mean().clamp(min=1e-5)
-    return {"ternary": (reference_weight_quant(w), (), 1 / mean_abs),
-            "ternary per row": (reference_weight_quant_per_row(w), ("per_row_weight_scale",), None),
-            "binary": (torch.where(w >= 0, 1.0, -1.0).to(w) * mean_abs, ("binary_not_ternary",), 1 / mean_abs),
-            # BitNet b1's sign(W - mean W), still found in b1.58 code
-            "binary centred": (torch.sign(w - w.mean()) * mean_abs, ("binary_not_ternary",), 1 / mean_abs),
-            "not quantized": (w, ("weights_not_quantized",), None)}
-
-
-OUTPUT_QUANT = {"output quantized per token": (reference_activation_quant, ("quantizes_output",), "per token"),
-                "output quantized per tensor": (per_tensor_activation_quant,
-                                                ("quantizes_output", "per_tensor_act_scale"), "per tensor")}
-
-
-def output_candidates(w):
-    """(description, problems, make) for every way of combining an activation quantizer, a
-    weight quantizer and (instead of quantizing the input) a quantized output, as one layer often
-    holds several mistakes at once; make(u) -> (the product, {scale name: the scale it
-    multiplied in, which a missing rescale leaves in the output})."""
-    out = []
-    for w_name, (w_q, w_problems, w_scale) in weight_candidates(w).items():
-        for a_name, (quant, a_problems, a_scale) in ACTIVATIONS.items():
-            def make(u, w_q=w_q, w_scale=w_scale, quant=quant, a_scale=a_scale, a_name=a_name):
-                scales = {"weight scale 1/mean|W|": w_scale, f"activation scale ({a_name})": a_scale and a_scale(u)}
-                return F.linear(quant(u), w_q), {k: v for k, v in scales.items() if v is not None}
-            out.append((f"{a_name} x {w_name}", a_problems + w_problems, make))
-        for o_name, (quant, o_problems, per) in OUTPUT_QUANT.items():
-            def make(u, w_q=w_q, quant=quant, per=per):
-                plain = F.linear(u, w_q)
-                o_scale = 127.0 / (token_max(plain) if per == "per token" else plain.abs().amax())
-                return quant(plain), {f"output scale ({per})": o_scale}
-            out.append((f"{o_name} x {w_name}", o_problems + w_problems, make))
-    return out
-
-
-def badness(problems) -> int:
-    weight = {FATAL: 100, HARMFUL: 10, DEVIATION: 1}
-    return sum(weight[severity_of(p)] for p in problems)
-
-
-def fitted_factor(y, want):
-    """Per-token least-squares factor c with y ~ c * want, and the error left after it."""
-    y, want = y.reshape(-1, y.shape[-1]), want.reshape(-1, want.shape[-1])
-    factor = (y * want).sum(-1) / (want * want).sum(-1).clamp(min=1e-30)
-    return factor, typical_error(y, factor[:, None] * want)
-
-
-def per_token(scale, n: int) -> torch.Tensor:
-    """A scale (a number, or one per token) as one value per token."""
-    scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
-    return scale.expand(n) if scale.numel() == 1 else scale
-
-
-def missing_scales(factor, scales: dict) -> list[str] | None:
-    """The smallest set of the candidate's own scales whose product is the factor of every
-    token: the scales the layer multiplied in and never divided back out."""
-    names = list(scales)
-    for subset in [[n] for n in names] + [[a, b] for i, a in enumerate(names) for b in names[i + 1:]]:
-        want = torch.ones_like(factor)
-        for n in subset:
-            want = want * per_token(scales[n], factor.shape[0])
-        if bool(((factor - want).abs() <= 1e-2 * want.abs()).all()):
-            return subset
-    return None
-
-
-def spread(factor) -> float:
-    return float((factor.max() - factor.min()) / factor.abs().max().clamp(min=1e-30))
+# The output, against the recipe and its usual mistakes, taken jointly (reference.py's candidates)
 
 
 def check_output(y, inputs: dict, w, bias, operands: dict, weight_check: dict) -> dict:
@@ -352,9 +275,7 @@ def check_output(y, inputs: dict, w, bias, operands: dict, weight_check: dict) -
     if fits[-1]["error"] < 1e-3:
         best = fits[-1]
         ev = {"input": best["input"], "closest": best["candidate"], "relative_error": round(best["error"], 6)}
-        recipe_error = typical_error(y, F.linear(reference_activation_quant(inputs[best["input"]]),
-                                                 reference_weight_quant(w)))
-        deviations = [{"problem": p, "measured": {"output_vs_recipe": round(recipe_error, 6)}}
+        deviations = [{"problem": p, "measured": {"output_vs_recipe": round(deviation_size(p, inputs[best["input"]], w), 6)}}
                       for p in best["problems"] if is_deviation(p)]
         if operands.get("integer_levels"):
             deviations.append({"problem": "scales_after_matmul", "measured": operands["integer_levels"]})
@@ -366,16 +287,16 @@ def check_output(y, inputs: dict, w, bias, operands: dict, weight_check: dict) -
     if scaled:
         best = min(scaled, key=lambda f: (badness(f["problems"]), spread(f["factor"])))
         factor = best["factor"]
-        ev.update(input=best["input"], shape_matches=best["candidate"], output_over_it_min=float(factor.min()),
-                  output_over_it_max=float(factor.max()))
         missing = missing_scales(factor, best["scales"])
         if missing:
-            return named(name, {**ev, "why": "never divided back out: " + ", ".join(missing)},
-                         best["problems"] + ["missing_rescale"])
-        if best["input"] in NORMS:
-            return named(name, {**ev, "why": "normalized input has the wrong scale"},
-                         best["problems"] + ["wrong_norm_scale"])
-        return named(name, {**ev, "why": "output off by a factor"}, best["problems"] + ["wrong_weight_scale"])
+            why, problem = "never divided back out: " + ", ".join(missing), "missing_rescale"
+        elif best["input"] in NORMS:
+            why, problem = "normalized input has the wrong scale", "wrong_norm_scale"
+        else:
+            why, problem = "output off by a factor", "wrong_weight_scale"
+        ev = {"why": why, "shape_matches": best["candidate"], "input": best["input"],
+              "output_over_it_min": float(factor.min()), "output_over_it_max": float(factor.max()), **ev}
+        return named(name, ev, best["problems"] + [problem])
     closest = min(fits, key=lambda f: (f["error"], badness(f["problems"])))
     ev["closest"] = closest["candidate"]
     if closest["error"] < 1e-2 and any(not is_deviation(p) for p in closest["problems"]):
@@ -387,13 +308,19 @@ def check_output(y, inputs: dict, w, bias, operands: dict, weight_check: dict) -
 # The gradients, against the straight-through estimator of the layer's own operands
 
 
-def scalar_fit(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
-    """(c, error left) for got ~ c * want: a gradient scaled uniformly is still the STE's."""
+def scalar_fit(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The least-squares c with got ~ c * want (1 when want is zero)."""
     got, want = got.double().reshape(-1), want.double().reshape(-1)
+    return 1.0 if float(want.norm()) == 0.0 else float(got @ want / (want @ want))
+
+
+def grad_error(got, want) -> float:
+    """The input gradient's error, per token at the 90th percentile: one token whose largest
+    value a clamp cut off from the gradient is not the verdict; a missing STE is."""
+    got, want = got.double(), want.double()
     if float(want.norm()) == 0.0:
-        return 1.0, (0.0 if float(got.norm()) == 0.0 else 1.0)
-    c = float(got @ want / (want @ want))
-    return c, rel(got, c * want)
+        return 0.0 if float(got.norm()) == 0.0 else 1.0
+    return typical_error(got, want)
 
 
 def check_gradients(layer, weight, transposed, x, g, obs: Observation, u_fns: dict, normalizes: bool) -> dict:
@@ -422,6 +349,11 @@ def check_gradients(layer, weight, transposed, x, g, obs: Observation, u_fns: di
         want_d_w = [G.T @ A]
         if one_magnitude(B):
             accepted_w.append(float(B.abs().max()) / mean_abs)
+        else:  # one scale per row: B's row magnitude over the row's mean|W|, per row
+            row_scale = B.abs().amax(1, keepdim=True) / w.abs().mean(1, keepdim=True).clamp(min=1e-5)
+            want_d_w.append(row_scale * (G.T @ A))
+        if one_magnitude(B) and not one_magnitude(w.abs().mean(1)):  # integer levels in a per-row pattern
+            want_d_w.append((G.T @ A) / w.abs().mean(1, keepdim=True).clamp(min=1e-5))
         d_a = (G @ B).reshape(x.shape)
         a_max = A.reshape(x.shape).abs().amax(-1, keepdim=True)
         ev["from"] = "the matmul's own operands"
@@ -448,18 +380,22 @@ def check_gradients(layer, weight, transposed, x, g, obs: Observation, u_fns: di
     tol = 1e-2 if normalizes else 1e-3
     deviations, failed = [], []
     for part, got, wants, accepted in (("weight", d_w, want_d_w, accepted_w), ("input", x.grad, want_d_x, (1.0,))):
-        fits = [(rel(got.double(), want.double()), 1.0) for want in wants]
-        fits += [(err, c) for c, err in (scalar_fit(got, want) for want in wants)]
-        err, c = min(fits, key=lambda f: f[0])
-        ev[f"d_{part}_vs_ste"] = err
-        if err >= tol or c <= 0:
-            failed.append(part)
-        elif not any(abs(c - a) <= 1e-2 * a for a in accepted):
+        error = grad_error if part == "input" else (lambda a, b: rel(a.double(), b.double()))
+        ev[f"d_{part}_vs_ste"] = min(error(got, a * want) for want in wants for a in accepted)
+        if ev[f"d_{part}_vs_ste"] < tol:
+            continue
+        c, err = min(((c, error(got, c * want)) for want in wants for c in [scalar_fit(got, want)]),
+                     key=lambda f: f[1])
+        if err < tol and c > 0:  # the STE's gradient times one factor for the tensor
             ev[f"d_{part}_over_ste"] = c
             deviations.append({"problem": "grad_scaled_per_tensor", "measured": {f"d_{part}_over_ste": c}})
+        else:
+            failed.append(part)
     if failed or ev["weight_grad_norm"] == 0:
         return named(name, {**ev, "why": f"not the STE gradient: {', '.join(failed) or 'weight'}"}, ["no_ste"])
     return named(name, ev, (), deviations)
+
+
 def check_state_in_forward(obs: Observation) -> dict:
     """No module with state, and no norm, is built inside forward(): a norm made there is
     re-created on every call, so its weight (if any) is never trained nor saved."""
@@ -547,9 +483,10 @@ def layer_problems(checks: list[dict]) -> list[str]:
 
 
 def layer_deviations(checks: list[dict]) -> list[dict]:
-    """The harmless conventions the checks list, each once ({"problem", "measured"}, first measure)."""
+    """The harmless conventions the checks list, each once ({"problem", "measured"}), with what
+    every check measured of it."""
     seen = {}
     for c in checks:
-        for d in c.get("deviations", ()):
-            seen.setdefault(d["problem"], d)
+        for d in c["evidence"].get("deviations") or ():
+            seen.setdefault(d["problem"], {"problem": d["problem"], "measured": {}})["measured"].update(d["measured"])
     return list(seen.values())

@@ -1,15 +1,14 @@
 """Pictures: loss curves of a run and its twin, ternary fractions per layer."""
-import json
 import math
 
+from ..rundir import atomic_path, read_metrics_file
+
+
 def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
-    """(train lines, eval lines) of a metrics.jsonl."""
+    """(train lines, eval lines) of a metrics.jsonl (a partial last line, a crash's trace, is skipped)."""
     train, evals = [], []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                entry = json.loads(line)
-                {"train": train, "eval": evals}.get(entry.get("kind"), []).append(entry)
+    for entry in read_metrics_file(path):
+        {"train": train, "eval": evals}.get(entry.get("kind"), []).append(entry)
     return train, evals
 
 
@@ -18,6 +17,15 @@ def _pyplot():
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     return plt
+
+
+def _save(plt, fig, out_png: str):
+    """A whole PNG or none (a full disk is one line, see rundir.atomic_path)."""
+    try:
+        with atomic_path(out_png, "the plot") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def plot_loss_curves(runs: dict[str, str], out_png: str) -> str:
@@ -39,8 +47,7 @@ def plot_loss_curves(runs: dict[str, str], out_png: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_png)
     return out_png
 
 
@@ -69,6 +76,5 @@ def plot_ternary_fractions(metrics_path: str, out_png: str) -> str:
     axes.flat[0].legend(fontsize=6)
     fig.suptitle("ternary weight fractions per layer", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_png)
     return out_png

@@ -72,6 +72,31 @@ PROBLEMS = {
                                                "model shifts internally)"),
     "train_inference_mismatch": problem("data", HARMFUL, "format inference prompts exactly as training sequences "
                                                          "(the same BOS and special tokens, the same spacing)"),
+    # the data pipeline, as check_data sees a loader's batches
+    "labels_misaligned": problem("data", FATAL, "labels are the inputs for a model that shifts (transformers), the "
+                                                "inputs shifted by one for one that does not; shift exactly once"),
+    "padding_in_loss": problem("data", HARMFUL, "set the labels of padded positions to -100 (the ignore index), e.g. "
+                                                "labels[attention_mask == 0] = -100"),
+    "token_out_of_range": problem("data", FATAL, "make the model's vocab_size at least the tokenizer's (len(tokenizer)), "
+                                                 "and keep every id in [0, vocab_size)"),
+    "no_document_separator": problem("data", HARMFUL, "put the tokenizer's EOS (or BOS) token between documents when "
+                                                      "packing: ids = [*doc_ids, eos_id] for each document"),
+    "repeated_batches": problem("data", HARMFUL, "read each shard once per epoch and carry the stream's position; "
+                                                 "do not restart the iterator at every batch"),
+    "ranks_share_data": problem("data", HARMFUL, "give each rank its own part: split_dataset_by_node(ds, rank, "
+                                                 "world_size), a DistributedSampler, or every world_size-th document"),
+    "val_in_train": problem("data", HARMFUL, "hold validation out of the training stream (another split, or "
+                                             "ds.skip(n) for training after ds.take(n) for validation)"),
+    "whitespace_lost": problem("data", HARMFUL, "use a tokenizer that keeps newlines and spaces (a ByteLevel "
+                                                "pre-tokenizer and decoder), not a Whitespace pre-tokenizer"),
+    "decode_adds_spaces": problem("data", HARMFUL, "give the tokenizer the decoder matching its pre-tokenizer "
+                                                   "(ByteLevel with ByteLevel, Metaspace with Metaspace)"),
+    "unk_tokens": problem("data", HARMFUL, "use a byte-level tokenizer (or byte fallback) so every character "
+                                           "encodes, or train the vocabulary on this text"),
+    "lossy_normalizer": problem("data", HARMFUL, "drop the normalizer that changes the text (Lowercase, NFKC "
+                                                 "folding) so decode(encode(x)) == x"),
+    "decode_mismatch": problem("data", HARMFUL, "make decode(encode(x)) == x: check the tokenizer's pre-tokenizer, "
+                                                "decoder and normalizer"),
 }
 
 

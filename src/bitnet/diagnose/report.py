@@ -13,7 +13,7 @@ from .detectors import format_scores, learning_summary, prompt_token_pairs, run_
 from .health import QuantHealthTracker, summarise_quant_health
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics
 from .probes import run_probes
-from .rules import learning_kwargs as thresholds_learning_kwargs, target_unigram_loss
+from .rules import context_free_baseline, learning_kwargs as thresholds_learning_kwargs
 from .verdict import format_results, format_verdict, make_verdict, write_verdict
 
 
@@ -61,9 +61,10 @@ def diagnose_run(model: nn.Module, history: list[dict], twin_history: list[dict]
     if twin_history:
         twin = learning_summary(twin_history, cfg.vocab_size, cfg.warmup_steps, **learning_kwargs)
         log(f"twin:    {twin['reason']}")
-    # the twin comparison measures progress from the best context-free guess, which a model whose
-    # quantized layers pass nothing on still reaches through its embeddings and head
-    baseline = target_unigram_loss(task.get_batch) if twin and callable(getattr(task, "get_batch", None)) else None
+    # the twin comparison measures progress from what a model whose quantized layers pass nothing on
+    # still reaches through its embeddings and head (the previous token's guess)
+    baseline = (context_free_baseline(task.get_batch)["loss"] if twin and callable(getattr(task, "get_batch", None))
+                else None)
     verdict = make_verdict(probes, ternary, twin, detectors, baseline_loss=baseline)
     if stack:
         from ..plugged import stack_statement
@@ -142,5 +143,5 @@ def main(argv=None):
         verdict = diagnose_checkpoint(args.checkpoint, write=args.write)
     except (TrainingError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))  # 4: disk full
     return verdict
