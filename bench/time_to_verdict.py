@@ -51,7 +51,8 @@ def run_case(name: str, extra: list[str], out_dir: str) -> dict:
     return {"case": name, "seconds": round(seconds, 1), "cpu_s": round(cpu, 1), "exit": proc.returncode, "verdict": verdict.get("verdict"),
             "named": verdict.get("suspected_bugs", []),
             "before_training": "before training" in verdict.get("evidence", {}).get("checked", ""),
-            "stopped_early": summary.get("stopped_early"), "overall": summary.get("overall")}
+            "stopped_early": {k: v for k, v in (summary.get("stopped_early") or {}).items() if v},
+            "overall": summary.get("overall")}
 
 
 def main():
