@@ -190,8 +190,8 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
 
 
 def watch_pair(procs: dict, out_dir: str, judge=None, poll_s: float = 1.0):
-    """Until both children end: when one decides to stop early on decisive evidence (a "stop_early"
-    line in its metrics.jsonl), ask the other to stop too; when one fails, stop the other at once
+    """Until both children end: when the ternary model decides to stop early on decisive evidence (a
+    "stop_early" line in its metrics.jsonl), ask the twin to stop too; when one fails, stop the other at once
     (SIGTERM: it saves); `judge(ternary_evals, fp_evals) -> reason | None` (twin_behind) stops both.
     A stopped child evaluates and saves first, so the diagnosis reads what was trained."""
     asked, sizes, lines = False, {}, {}
@@ -214,8 +214,10 @@ def watch_pair(procs: dict, out_dir: str, judge=None, poll_s: float = 1.0):
                         lines[name] = [json.loads(line) for line in f if line.endswith("\n")]
             except (OSError, ValueError):  # not there yet: the next look reads it
                 pass
-        stops = [(name, e["reason"]) for name, entries in lines.items() for e in entries
-                 if e.get("kind") == "stop_early" and e.get("pid") == procs[name].pid]
+        # the ternary model's own stop only: the verdict judges its history (an fp twin that stops
+        # early just frees its core, and the ternary model's watch finds its own evidence)
+        stops = [("ternary", e["reason"]) for e in lines.get("ternary", [])
+                 if e.get("kind") == "stop_early" and e.get("pid") == procs["ternary"].pid]
         reason = (f"the {stops[0][0]} run stopped: {stops[0][1]}" if stops else
                   judge([e for e in lines["ternary"] if e.get("kind") == "eval"],
                         [e for e in lines["fp"] if e.get("kind") == "eval"]) if judge and len(lines) == 2 else None)
