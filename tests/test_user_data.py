@@ -53,9 +53,10 @@ def data_faults(verdict: dict) -> dict:
 
 def test_unshifted_labels_train_worse_and_are_named_with_their_cause(corpus, tmp_path):
     """nanoGPT's get_batch with y = x: the model learns to copy its input, so on held-out text it
-    scores far worse than the same model on our batches; check_data's cause comes with it."""
-    proc = train(corpus, tmp_path / "run", "nanogpt_unshifted")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores far worse than the same model on our batches; check_data's cause comes with it.
+    (Without --train-anyway the check before training names it and stops: tests/test_fail_fast.py.)"""
+    proc = train(corpus, tmp_path / "run", "nanogpt_unshifted", extra=["--train-anyway"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
     verdict = json.loads((tmp_path / "run" / "verdict.json").read_text())
     assert verdict["verdict"] == "BROKEN", verdict["evidence"]["reason"]
     faults = data_faults(verdict)
@@ -87,7 +88,7 @@ def test_a_correct_loader_is_not_broken_and_its_checkpoint_works_in_the_tools(co
 def test_packing_without_separators_is_named_before_training(corpus, tmp_path):
     """A fault too mild to show in a short run is still named: check_data reads the first batches."""
     proc = train(corpus, tmp_path / "run", "packed_no_separator", steps=10)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # BROKEN exits 1
     verdict = json.loads((tmp_path / "run" / "verdict.json").read_text())
     assert verdict["verdict"] == "BROKEN" and "no_document_separator" in data_faults(verdict)
 

@@ -56,6 +56,9 @@ def common_parser(description: str, gpu_preset: str, cpu_preset: str) -> argpars
                    help="put DIR first on sys.path before the SPECs resolve (repeatable)")
     p.add_argument("--twin", action="store_true",
                    help="train the ternary model and its full-precision twin side by side, then compare and judge")
+    p.add_argument("--train-anyway", action="store_true",
+                   help="train the whole budget even when a check before training finds the stack BROKEN, and "
+                        "never stop early (for the learning comparison); the verdict still comes at the end")
     p.add_argument("--no-verdict", action="store_true", help=argparse.SUPPRESS)  # set for the twin's children
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-eval lines")
     p.add_argument("--dry-run", nargs="?", type=int, const=1, metavar="GPUS",

@@ -18,6 +18,11 @@ class NonFiniteLoss(TrainingError):
     exit_code = 3
 
 
+class Broken(TrainingError):
+    """The verdict is BROKEN (printed above, in OUT_DIR/verdict.json): exit code 1, as check_layer's."""
+    exit_code = 1
+
+
 class DiskFull(TrainingError):
     """A write of ours failed: no space left (or a quota), or an I/O error. Exit code 4: the last
     good checkpoint is kept, and the same command (with --resume) continues once there is space."""
@@ -67,8 +72,9 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 def run_main(main):
     """Run `main()`, turning expected problems into one line on stderr and an exit code:
-    0 done, 2 bad input, 3 non-finite loss, 4 disk full (or failing), 130/143 stopped by SIGINT/SIGTERM
-    after saving. A disk error that no writer of ours named (a library's own write) still gets one line."""
+    0 done, 1 the verdict is BROKEN, 2 bad input, 3 non-finite loss, 4 disk full (or failing), 130/143 stopped
+    by SIGINT/SIGTERM after saving. A disk error that no writer of ours named (a library's own write) still
+    gets one line."""
     try:
         return main()
     except Exception as e:  # noqa: BLE001 - only the expected kinds are caught; the rest re-raise
@@ -77,7 +83,7 @@ def run_main(main):
         elif not isinstance(e, (TrainingError, ValueError, OSError, UnicodeDecodeError)):
             raise
         code = getattr(e, "exit_code", 2)
-        print(f"{'stopped' if code > 128 else 'error'}: {e}", file=sys.stderr)
+        print(f"{'stopped' if code > 128 else 'verdict' if code == 1 else 'error'}: {e}", file=sys.stderr)
         sys.exit(code)
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)

@@ -43,6 +43,8 @@ class Run:
     on_eval: object = None
     log: object = print
     quiet: bool = False
+    watch: object = None  # watch(run) -> a reason to stop early, or None (diagnose/early.py's Watch)
+    stopped_early: str | None = None
     step: int = 0
     history: list = field(default_factory=list)
     first_loss: float | None = None  # the first training step's loss
@@ -80,10 +82,12 @@ class Run:
 
 
 def train(cfg: BitNetConfig, task, out_dir: str, device: str = "auto", resume: bool = False,
-          on_eval=None, quiet: bool = False) -> dict:
-    """Train a model on `task` and return a summary. `on_eval(model, step) -> dict` adds metrics.
+          on_eval=None, quiet: bool = False, watch=None) -> dict:
+    """Train a model on `task` and return a summary. `on_eval(model, step) -> dict` adds metrics;
+    `watch(run) -> reason | None` stops the run early (evaluated and saved) when it gives a reason.
     `resume`: True continues from OUT_DIR/ckpt.pt; a path, from that checkpoint."""
     run = setup(cfg, task, out_dir, device, resume, on_eval, quiet)
+    run.watch = watch
     if run.step == 0 and not run.history:
         evaluate(run)  # the loss at step 0 should sit near ln(vocab_size)
     run.t0 = run.saved_time = time.time()
@@ -243,6 +247,15 @@ def after_step(run: Run) -> bool:
             return True
     elif distributed.all_agree(time.time() - run.saved_time >= cfg.checkpoint_interval_s, run.ctx):
         save(run)
+    if run.watch is not None and distributed.all_agree(bool(reason := run.watch(run)), run.ctx):
+        run.log(f"stopping early at step {step}: {reason}")
+        run.record({"kind": "stop_early", "step": step, "reason": reason, "pid": os.getpid()})  # a twin's parent stops the other now
+        if run.history[-1]["step"] != step:
+            evaluate(run)  # the diagnosis reads the state the run stopped in
+        if run.saved_step != step:
+            save(run)
+        run.stopped_early = reason or "another process's watch"
+        return True
     if distributed.all_agree(stop_requested() is not None, run.ctx):  # SIGTERM/SIGINT: save, then stop
         if run.saved_step != step:
             save(run)
@@ -295,6 +308,6 @@ def finish(run: Run) -> dict:
     final, elapsed = run.history[-1], time.time() - run.t0
     return {"final": final, "history": run.history, "first_train_loss": run.first_loss,
             "last_train_loss": run.loss_ema, "max_steps": run.cfg.max_steps,
-            "solved": bool(run.solved and run.solved(final)), "elapsed_s": elapsed,
+            "solved": bool(run.solved and run.solved(final)), "elapsed_s": elapsed, "stopped_early": run.stopped_early,
             "tokens_per_s": run.tokens / max(1e-9, elapsed), "n_params": run.model.num_parameters(),
             "out_dir": run.out_dir, "model": run.model, "optimizer": run.opt}
