@@ -110,12 +110,12 @@ def progress_share(ternary: dict, twin: dict, baseline: float | None = None) -> 
     """How far the ternary model has come, as a share of the way its twin came from `baseline`
     (default: the summaries' own baseline, ln V) to the twin's final loss. Both are
     learning_summary() dicts. Judged decisive only after warm-up and with a twin that clearly moved."""
-    base = ternary["baseline_loss"] if baseline is None else float(baseline)
+    base = ternary.get("baseline_loss") if baseline is None else float(baseline)
     t, f = ternary.get("final_val_loss"), twin.get("final_val_loss")
     out = {"baseline_loss": base, "ternary_val_loss": t, "twin_val_loss": f, "share": None,
            "behind_share": BEHIND_SHARE, "decisive": False}
-    if not (_finite(t) and _finite(f)):
-        return {**out, "reason": "a final val_loss is missing or not finite"}
+    if not (_finite(t) and _finite(f) and _finite(base)):
+        return {**out, "reason": "a final val_loss or the baseline is missing or not finite: not decisive"}
     twin_progress = base - f
     out["share"] = (base - t) / twin_progress if twin_progress > 0 else None
     if twin_progress < TWIN_MIN_PROGRESS or not ternary.get("after_warmup"):
