@@ -115,7 +115,7 @@ def progress_share(ternary: dict, twin: dict, baseline: float | None = None) -> 
     out = {"baseline_loss": base, "ternary_val_loss": t, "twin_val_loss": f, "share": None,
            "behind_share": BEHIND_SHARE, "decisive": False}
     if not (_finite(t) and _finite(f) and _finite(base)):
-        return {**out, "reason": "a final val_loss or the baseline is missing or not finite: not decisive"}
+        return {**out, "reason": "a final val_loss or the baseline loss is missing or not finite: not decisive"}
     twin_progress = base - f
     out["share"] = (base - t) / twin_progress if twin_progress > 0 else None
     if twin_progress < TWIN_MIN_PROGRESS or not ternary.get("after_warmup"):
