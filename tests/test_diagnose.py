@@ -577,3 +577,23 @@ def test_cli_bad_path_is_one_line_and_exit_2(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no checkpoint at") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("layer, named", [
+    ("SignNoRescaleLinear", {"binary_not_ternary", "binary_activations", "missing_rescale"}),
+    ("OutputQuantNoRescaleLinear", {"quantizes_output", "per_tensor_act_scale", "missing_rescale"}),
+    # wrong_norm_scale is named by output_matches_recipe alone, beside its first problem
+    ("SignNormInForwardLinear", {"binary_not_ternary", "wrong_norm_scale", "norm_in_forward"}),
+])
+def test_a_model_whose_layers_hold_several_faults_has_every_one_named(layer, named):
+    """One layer class with several faults, in every projection of our model: the verdict names each
+    of them (not only the worst), as check_layer does on the layer alone."""
+    from bitnet.spec import resolve_spec
+    cls = resolve_spec(f"{Path(__file__).parent / 'fixtures' / 'third_party_layers.py'}:{layer}")
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(BitNetConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=4, num_key_value_heads=4), linear_cls=cls)
+    v = diagnose.make_verdict(diagnose.run_layer_probes(model), LEARNS, LEARNS, [])
+    assert v["verdict"] == "BROKEN"
+    assert named <= set(v["suspected_bugs"]), v["suspected_bugs"]
+    assert all(f["part"] == "layer" for f in v["faults"] if f["problem"] in named)

@@ -98,7 +98,8 @@ def run_layer_probes(model: nn.Module) -> list[dict]:
                 consequences[name] = {"cleared_by": cleared_by, "would_name": checks[i]["suspected_bug"]}
             else:
                 failures[name] = checks[i]
-        suspects = Counter(c["suspected_bug"] for c in failures.values() if c["suspected_bug"])
+        # every problem a failing layer names (a layer with several faults names them all, worst first)
+        suspects = Counter(p for c in failures.values() for p in (c.get("problems") or [c["suspected_bug"]]) if p)
         evidence = {"layers_checked": len(layers), "layers_failed": len(failures),
                     "failures": {n: c["evidence"] for n, c in list(failures.items())[:3]}}  # the first few tell the story
         deviations = {}
@@ -115,8 +116,11 @@ def run_layer_probes(model: nn.Module) -> list[dict]:
                            f"({' and '.join(first['cleared_by'])} copy): the trained weights, not the layer's code"}
         if not failures and not consequences:
             evidence["example"] = per_layer[layers[0][0]][i]["evidence"]
-        out.append(result(check, not failures and not consequences, evidence,
-                          suspects.most_common(1)[0][0] if suspects else None))
+        named = [p for p, _ in suspects.most_common()]
+        r = result(check, not failures and not consequences, evidence, named[0] if named else None)
+        if len(named) > 1:
+            r["problems"] = named
+        out.append(r)
     return out
 
 

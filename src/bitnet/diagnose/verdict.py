@@ -57,13 +57,13 @@ def faults_of(failed: list[dict]) -> tuple[list[dict], list[dict]]:
     {part, problem, severity, evidence, fix, check}, fatal first; deviations (problems.py's
     harmless conventions) are {part, problem, check, measured}."""
     from .layer_probes import LAYER_CHECKS
-    named = [r for r in failed if r.get("suspected_bug")]
-    explained = {e for r in named for e in EXPLAINS.get(r["suspected_bug"], ())}
-    if any(r["suspected_bug"] not in SYMPTOMS and not is_deviation(r["suspected_bug"]) for r in named):
+    # (check result, problem) for every problem a failed check names: a layer check can name several
+    named = [(r, p) for r in failed if r.get("suspected_bug") for p in (r.get("problems") or [r["suspected_bug"]])]
+    explained = {e for _, p in named for e in EXPLAINS.get(p, ())}
+    if any(p not in SYMPTOMS and not is_deviation(p) for _, p in named):
         explained |= SYMPTOMS
     faults, deviations = {}, {}
-    for r in named:
-        problem = r["suspected_bug"]
+    for r, problem in named:
         if problem in explained or problem in faults or problem in deviations:
             continue
         entry = PROBLEMS.get(problem, {"part": "model", "fix": "see the README's problem names"})
