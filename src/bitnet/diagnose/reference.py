@@ -73,6 +73,11 @@ def layer_normalized(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps)
 
 
+def one_magnitude(b: torch.Tensor) -> bool:
+    nonzero = b[b != 0].abs()
+    return nonzero.numel() > 0 and float(nonzero.max() - nonzero.min()) <= 1e-5 * float(nonzero.max())
+
+
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp(min=1e-30))
 

@@ -12,7 +12,7 @@ LEARNING_MARGIN_MIN = 0.3  # ... and at least 0.3 nats
 
 # The ternary model against its twin, on one scale: the share of the way from the baseline (the
 # loss reachable from the previous token alone, context_free_baseline(), else ln V) to the twin's
-# loss that the ternary model has come. Measured at 300 steps (docs/lab-notes/i26verdict.md):
+# loss that the ternary model has come. Measured at 300 steps (docs/lab-notes/issue-26-verdict.md):
 # correct stacks 0.89-1.07; stacks whose layers pass no gradient (no_ste 0.13, no_rescale 0.17)
 # keep only what the embeddings and head learn alone. Below 0.3 is decisive (BROKEN); between
 # that and a run that learns, the evidence is not (INCONCLUSIVE: train longer).
