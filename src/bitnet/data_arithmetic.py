@@ -265,6 +265,11 @@ class ArithmeticTask:
                              f"{CharTokenizer.identity!r}")
         return ArithmeticCodec(identity.get("number_format") or {}, bool(identity.get("reverse_answers")))
 
+    @classmethod
+    def from_checkpoint(cls, cfg, identity: dict):
+        """The task as it trained, from the checkpoint's config alone (tasks.task_from_checkpoint)."""
+        return cls(cfg)
+
     @staticmethod
     def heldout_documents(cfg, n: int) -> list[str]:
         """n held-out problems written as the run trained on them ('12 * 3 = 36'), for check_model."""

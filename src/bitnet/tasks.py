@@ -36,7 +36,8 @@ class Task(Protocol):
     """What the trainer and the diagnosis need from an experiment. Optional, where a task has
     them: solved(metrics) (stop_when_solved); get_rank_batch, state_dict and load_state_dict (a
     streamed task's own batches and position, distributed.py); identity_of_tokenizer (register);
-    heldout_documents(config, n) (a task that can write its own held-out text: check_model)."""
+    heldout_documents(config, n) (a task that can write its own held-out text: check_model);
+    from_checkpoint(config, identity) (a task that rebuilds itself from a checkpoint alone: diagnose)."""
     name: str  # identity()["task"]: the key of the registry
     learning_kwargs: dict  # how the diagnosis decides the model learns (detectors.detect_learning)
     metric_keys: list[str]  # the evaluation figures the twin comparison prints
@@ -87,6 +88,14 @@ def heldout_documents(identity: dict, config, n: int) -> list[str] | None:
     task = TASKS.get((identity or {}).get("task"))
     make = getattr(task, "heldout_documents", None)
     return make(config, n) if make else None
+
+
+def task_from_checkpoint(identity: dict, config):
+    """The task of a checkpoint, rebuilt from its config and identity, when the task needs nothing
+    else (arithmetic: its problems are generated); None for one that needs its data files."""
+    task = TASKS.get((identity or {}).get("task"))
+    make = getattr(task, "from_checkpoint", None)
+    return make(config, identity) if make else None
 
 
 def identity_of_tokenizer(tokenizer_json: str, eos_token_id: int | None) -> dict:

@@ -9,6 +9,7 @@ import torch.nn as nn
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..errors import TrainingError
 from ..rundir import CKPT_NAME, METRICS_NAME, find_runs
+from ..tasks import task_from_checkpoint
 from .detectors import format_scores, learning_summary, prompt_token_pairs, run_detectors
 from .health import QuantHealthTracker, summarise_quant_health
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics
@@ -97,13 +98,16 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
     print(f"run: {ternary_path} (step {step}, quant={cfg.quant}, {type(cfg).__name__}"
           f"{', inject_bug=' + cfg.inject_bug if cfg.inject_bug else ''})")
 
-    batch, answers, task = None, None, None  # other tasks: random tokens, and no sample detectors
-    if (ckpt.get("task") or {}).get("task") == "arithmetic":
-        from ..data_arithmetic import ArithmeticTask, arithmetic_answers
-        from ..bugs import wrap_task
-        task = wrap_task(ArithmeticTask(cfg), cfg.inject_bug)  # a data bug of the self-test, as it was trained
-        batch = task.get_batch(0, 16)
-        answers = arithmetic_answers(task, model)
+    # a task that rebuilds itself from the checkpoint gives batches and samples; others: random
+    # tokens, and no sample detectors
+    task = task_from_checkpoint(ckpt.get("task") or {}, cfg)
+    inputs = {}
+    if task is not None:
+        if cfg.inject_bug:
+            from ..bugs import wrap_task  # the self-test only: a data bug, as the run trained with it
+            task = wrap_task(task, cfg.inject_bug)
+        inputs = task.diagnosis_inputs(model)
+    batch = inputs.get("batch")
 
     logged = [h for h in history if h.get("quant_health")]
     if not logged:  # the run did not log health: measure the checkpoint now
@@ -129,8 +133,7 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
         twin = twin_kind(model_from_checkpoint(twin_ckpt)) if twin_history and twin_ckpt else None
         stack = {"parts": parts(cfg), "twin": twin}
     return diagnose_run(model, history, twin_history, out_dir=out_dir if write else None, metrics_paths=paths,
-                        arithmetic_answers=answers, batch=batch, task=task, stack=stack,
-                        learning_kwargs=getattr(task, "learning_kwargs", None))
+                        task=task, stack=stack, learning_kwargs=getattr(task, "learning_kwargs", None), **inputs)
 
 
 def main(argv=None):
