@@ -4,6 +4,7 @@ One torch thread (the suite shares small CPU machines and must be deterministic)
 network for transformers, and a factory for the tiny configs the tests train.
 """
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -15,6 +16,22 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the shared TinyStories text sits beside the checkout (../shared), however deep the checkout is
+STORIES = next((p / "shared" / "data" / "tinystories" for p in Path(__file__).resolve().parents
+                if (p / "shared" / "data" / "tinystories").is_dir()), Path("../shared/data/tinystories"))
+
+
+def story_corpus(out: Path, train_chars: int, n_train: int, valid_chars: int, n_valid: int) -> tuple[list, list]:
+    """train.txt and valid.txt in the official format (each story then a line <|endoftext|>) from
+    the start of the shared TinyStories files; skips the test where that data is not here."""
+    from bitnet.data_tinystories import EOT, split_stories
+    if not (STORIES / "train.txt").exists():
+        pytest.skip(f"{STORIES} is not here (the shared TinyStories data)")
+    train = split_stories((STORIES / "train.txt").read_text(encoding="utf-8")[:train_chars])[:n_train]
+    valid = split_stories((STORIES / "valid.txt").read_text(encoding="utf-8")[:valid_chars])[:n_valid]
+    for name, docs in (("train.txt", train), ("valid.txt", valid)):
+        (out / name).write_text("".join(f"{d}\n{EOT}\n" for d in docs), encoding="utf-8")
+    return train, valid
 
 
 def pytest_configure(config):

@@ -5,27 +5,21 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import story_corpus
 
 from bitnet import check_data
-from bitnet.data_tinystories import EOT, save_tokenizer, split_stories, train_bpe
+from bitnet.data_tinystories import EOT, save_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADERS = str(ROOT / "tests" / "fixtures" / "data_loaders.py")
 FACTORIES = str(ROOT / "examples" / "data_factories.py")
-STORIES = next((p / "shared" / "data" / "tinystories" for p in Path(__file__).resolve().parents
-                if (p / "shared" / "data" / "tinystories").is_dir()), Path("../shared/data/tinystories"))
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A data folder in the official format: 600 training and 150 validation stories."""
-    if not (STORIES / "train.txt").exists():
-        pytest.skip(f"{STORIES} is not here (the shared TinyStories data)")
     out = tmp_path_factory.mktemp("corpus")
-    train = split_stories((STORIES / "train.txt").read_text(encoding="utf-8")[:600_000])[:600]
-    valid = split_stories((STORIES / "valid.txt").read_text(encoding="utf-8")[:150_000])[:150]
-    for name, docs in (("train.txt", train), ("valid.txt", valid)):
-        (out / name).write_text("".join(f"{d}\n{EOT}\n" for d in docs), encoding="utf-8")
+    train, _ = story_corpus(out, 600_000, 600, 150_000, 150)
     (out / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in train), encoding="utf-8")
     return {"dir": out, "train": str(out / "train.txt"), "valid": str(out / "valid.txt"), "stories": train}
 

@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import story_corpus
 
-from bitnet.data_tinystories import EOT, save_tokenizer, split_stories, train_bpe
+from bitnet.data_tinystories import save_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADERS = str(ROOT / "tests" / "fixtures" / "data_loaders.py")
-STORIES = next((p / "shared" / "data" / "tinystories" for p in ROOT.parents
-                if (p / "shared" / "data" / "tinystories").is_dir()), Path("../shared/data/tinystories"))
 TINY = ["--preset", "tiny-cpu", "--set", "hidden_size=48", "--set", "intermediate_size=96",
         "--set", "num_hidden_layers=1", "--set", "num_attention_heads=4", "--set", "num_key_value_heads=4",
         "--set", "compile=false", "--set", "dtype=fp32", "--set", "vocab_size=512",
@@ -26,13 +25,8 @@ TINY = ["--preset", "tiny-cpu", "--set", "hidden_size=48", "--set", "intermediat
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Official-format train/valid text from the shared TinyStories and a 512-token tokenizer trained on it."""
-    if not (STORIES / "train.txt").exists():
-        pytest.skip(f"{STORIES} is not here (the shared TinyStories data)")
     out = tmp_path_factory.mktemp("corpus")
-    train = split_stories((STORIES / "train.txt").read_text(encoding="utf-8")[:800_000])[:800]
-    valid = split_stories((STORIES / "valid.txt").read_text(encoding="utf-8")[:100_000])[:100]
-    for name, docs in (("train.txt", train), ("valid.txt", valid)):
-        (out / name).write_text("".join(f"{d}\n{EOT}\n" for d in docs), encoding="utf-8")
+    train, _ = story_corpus(out, 800_000, 800, 100_000, 100)
     save_tokenizer(train_bpe(train, vocab_size=512, show_progress=False), str(out / "tok"))
     return out
 
