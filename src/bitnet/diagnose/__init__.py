@@ -1,22 +1,24 @@
 """Is the BitNet training stack broken, or are the model and the data mismatched?
 
-Four kinds of evidence, each a named result `{"name", "passed", "evidence", "suspected_bug"}`
-(`suspected_bug` is a problem name, defined in the README):
+Every check gives a named result `{"name", "passed", "evidence", "suspected_bug"}`; the problem
+names, their part, severity (fatal / harmful / deviation) and fix are one catalogue, problems.py,
+shared by every tool.
 
-  probes.py, layer_probes.py, watch.py
-              check a model instance directly, no training: every quantized layer is driven as a
-              black box through forward/backward and compared with the b1.58 recipe (the same
-              code `python -m bitnet.check_layer` runs on one layer), then whole-model probes.
-  detectors.py
-              pure functions on a run's evaluation history and generated samples, and the
-              pipeline checks (issue 11: optimizer, data format, initialisation).
-  health.py   QuantHealthTracker, the trainer's `on_eval` hook for per-layer quantization health.
-  verdict.py  make_verdict() combines probes, the ternary run, its full-precision twin and the
-              detectors into OK / BROKEN / INCONCLUSIVE with the evidence.
+  the layer     layer_probes.py (the checks), layer_gradients.py (the STE check), reference.py
+                (the recipe written out again), watch.py (what the matmul receives): one quantized
+                layer as a black box, the same code `python -m bitnet.check_layer` runs
+  the model     probes.py: the layer probes over every quantized layer (causes before
+                consequences), then whole-model probes
+  the run       detectors.py (the eval history, samples, the pipeline checks), health.py
+                (QuantHealthTracker, the trainer's on_eval hook), early.py (checks before training
+                and the decisive early stops)
+  the judgement rules.py (every verdict rule; tasks give thresholds as data), verdict.py
+                (make_verdict: OK / BROKEN / INCONCLUSIVE with faults, deviations, evidence),
+                report.py (the end-of-run diagnosis, `python -m bitnet.diagnose`), plots.py
+  other tools   trained.py + loss_bands.py (check_model), data_checks.py + local_hub.py
+                (check_data), tokenizer_checks.py (check_tokenizer, check_data, check_model)
   (bitnet/bugs.py holds the self-test's injectable bugs, off the production path; the old name
   bitnet.diagnose.bugs still resolves to it.)
-  plots.py, report.py
-              pictures, the end-of-run diagnosis, and `python -m bitnet.diagnose --checkpoint OUT_DIR`.
 """
 from ..train_signals import TrainingSignals, describe_optimizer  # noqa: F401
 from .detectors import (answer_of, detect_format_mismatch, detect_gibberish_samples, detect_init_loss,  # noqa: F401
