@@ -43,7 +43,7 @@ def main():
         print(task.format_eval(s["final"]))
         print(f"answer loss {s['loss_start']:.3f} -> {s['loss_end']:.4f}; greedy completions "
               f"{s['completions_ok']}/{len(s['completions'])} correct")
-        print(f"our bar (>= 99% on every operator, in-distribution and held-out): "
+        print("our bar (>= 99% on every operator, in-distribution and held-out): "
               + ("reached" if s["bar"] else "not reached: " + ", ".join(s["bar_short"])))
 
     run_experiment(args, cfg, task, os.path.abspath(__file__), summarize, report, conclude=lambda summaries, verdict: conclude(summaries, verdict, task.thresholds))

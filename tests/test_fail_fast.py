@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from bitnet.diagnose.early import TWIN_BEHIND_SHARE, twin_behind
 

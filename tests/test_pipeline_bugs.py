@@ -4,7 +4,6 @@ correct stack. The detectors see only generic things (history, batches, param_gr
 input_ids -> logits), so the black-box tests use models that are not ours."""
 import math
 
-import pytest
 import torch
 import torch.nn as nn
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bitnet import distributed, plan
-from bitnet.config_tiny import PRESETS, BitNetConfigArithmetic, BitNetConfigTiny
+from bitnet.config_tiny import PRESETS, BitNetConfigArithmetic
 from bitnet.data_arithmetic import ArithmeticTask
 from bitnet.model import BitNetForCausalLM
 from bitnet.checkpoint import load_checkpoint

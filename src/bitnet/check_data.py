@@ -32,6 +32,7 @@ from .diagnose.problems import PROBLEMS, is_deviation
 from .diagnose.tokenizer_checks import (TokenizerError, examples_of, from_object, load_codec, roundtrip_report,
                                         whitespace_probe)
 from .spec import SpecError, resolve_spec
+from .errors import run_main
 
 DEFAULT_PROMPT = "Once upon a time"
 SHIFT_NOTE = {True: "labels sit at their own input's position: the model shifts",
@@ -256,4 +257,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # a bug of ours exits 70 with its traceback, never 1 (BROKEN)

@@ -22,6 +22,7 @@ from .diagnose.layer_probes import latent_weight, layer_deviations, layer_proble
 from .diagnose.problems import severity_of
 from .diagnose.watch import captured_stdout
 from .spec import SpecError, resolve_spec
+from .errors import run_main
 
 
 class LayerError(ValueError):
@@ -141,4 +142,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # a bug of ours exits 70 with its traceback, never 1 (BROKEN)

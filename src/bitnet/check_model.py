@@ -26,7 +26,8 @@ import torch
 from .diagnose import trained
 from .diagnose.loss_bands import expected_band
 from .diagnose.problems import PROBLEMS, SEVERITY_ORDER, severity_of
-from .spec import SpecError, resolve_spec
+from .errors import TrainingError, run_main
+from .spec import resolve_spec
 
 EOT = "<|endoftext|>"
 INFERENCE_PARTS = {"inference", "tokenizer", "data", "export"}
@@ -55,6 +56,7 @@ class Subject:
     packed: dict = field(default_factory=dict)  # {layer: (q, weight_scale)} of a 2-bit folder
     latent: dict = field(default_factory=dict)  # {layer: latent weight} where the trained latent still exists
     notes: list = field(default_factory=list)
+    identity: dict = field(default_factory=dict)  # the checkpoint's task identity (empty for --model)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -79,7 +81,8 @@ def from_checkpoint(path: str, notes: list) -> Subject:
     subject = Subject(model, generate, codec.encode, lambda s: codec.encode(s)[len(prefix):], codec.decode, prefix,
                       stop_id=codec.stop_id, tokens_seen=tokens, optimizer_hint=hint,
                       corpus=getattr(codec, "corpus", ""),  # the task says which reference band fits its text
-                      loss_is_objective=cfg.get("train_on", "all") == "all", notes=notes)
+                      loss_is_objective=cfg.get("train_on", "all") == "all", notes=notes,
+                      identity=ckpt.get("task") or {})
     if ckpt.get("packed") is not None:
         subject.packed, subject.latent = packed_and_latent(path, ckpt)
     return subject
@@ -184,14 +187,10 @@ def read_docs(path: str, separator: str) -> list[str]:
     return docs
 
 
-def task_documents(ckpt_path: str, n: int = 200) -> list[str] | None:
+def task_documents(s: Subject, n: int = 200) -> list[str] | None:
     """Held-out documents a run's task writes itself (arithmetic problems), or None."""
-    from .checkpoint import model_from_checkpoint
-    from .export import load_any_checkpoint
-    from .generate import runs_at
     from .tasks import heldout_documents
-    ckpt = load_any_checkpoint(next(iter(runs_at(ckpt_path).values())))
-    return heldout_documents(ckpt.get("task") or {}, model_from_checkpoint(ckpt).config, n)
+    return heldout_documents(s.identity, s.model.config, n) if s.identity else None
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -371,16 +370,10 @@ def main(argv=None) -> int:
         s.corpus = "" if args.corpus == "none" else args.corpus or s.corpus
         if args.text:
             docs = read_docs(args.text, args.separator)
-        elif not (args.checkpoint and (docs := task_documents(args.checkpoint))):
+        elif not (docs := task_documents(s)):
             raise InputError("give --text FILE: held-out text, documents separated as in training")
         report = judge(s, docs, args.max_new_tokens, args.max_tokens)
-    except (InputError, SpecError, ValueError, OSError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a TrainingError from loading, or the user's code failing: one line
-        from .errors import TrainingError
-        if not isinstance(e, TrainingError):
-            raise
+    except (ValueError, OSError, TrainingError) as e:  # bad input (InputError, SpecError), a refused checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 2
     report["notes"] = s.notes
@@ -389,4 +382,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # a bug of ours exits 70 with its traceback, never 1 (BROKEN)

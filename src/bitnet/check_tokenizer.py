@@ -18,6 +18,7 @@ import os
 import sys
 
 from .diagnose.tokenizer_checks import TokenizerError, examples_of, load_codec, roundtrip_report
+from .errors import run_main
 # the shared TinyStories validation text beside the checkout (../shared), when there is one
 DEFAULT_TEXT = next((os.path.join(d, "shared", "data", "tinystories", "valid.txt")
                      for d in [os.path.abspath(os.path.join(os.path.dirname(__file__), *[".."] * n)) for n in range(2, 6)]
@@ -73,4 +74,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # a bug of ours exits 70 with its traceback, never 1 (BROKEN)

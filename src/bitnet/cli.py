@@ -159,7 +159,7 @@ def plugs_of_resumed_run(args) -> dict:
             saved = load_checkpoint(path).get("config", {})
             plugs = {k: saved.get(k, v) for k, v in PLUG_DEFAULTS.items()}
             if any(plugs.values()):
-                print(f"--resume: your parts as the run was started: "
+                print("--resume: your parts as the run was started: "
                       + "; ".join(f"{k} {v}" for k, v in plugs.items() if v), file=sys.stderr)
             return plugs
     return {}

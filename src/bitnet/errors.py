@@ -5,6 +5,7 @@ import errno
 import re
 import signal
 import sys
+import traceback
 import threading
 
 
@@ -64,6 +65,9 @@ class Interrupted(TrainingError):
                          f"continue with --resume")
 
 
+INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE: a bug of ours
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (torch's are often pages long), or its type's name."""
     text = str(e).strip()
@@ -74,14 +78,17 @@ def run_main(main):
     """Run `main()`, turning expected problems into one line on stderr and an exit code:
     0 done, 1 the verdict is BROKEN, 2 bad input, 3 non-finite loss, 4 disk full (or failing), 130/143 stopped
     by SIGINT/SIGTERM after saving. A disk error that no writer of ours named (a library's own write) still
-    gets one line."""
+    gets one line. Anything else is a bug of ours: its traceback and exit 70 (EX_SOFTWARE), never the 1 that
+    Python would give it, which a script would read as a BROKEN verdict."""
     try:
         return main()
-    except Exception as e:  # noqa: BLE001 - only the expected kinds are caught; the rest re-raise
+    except Exception as e:  # noqa: BLE001 - only the expected kinds get one line; the rest print their traceback
         if disk_trouble(e):
             e = DiskFull(f"{disk_trouble(e)}: {first_line(e)}; {AFTER_DISK_FULL}")
         elif not isinstance(e, (TrainingError, ValueError, OSError, UnicodeDecodeError)):
-            raise
+            traceback.print_exc()
+            print(f"internal error (a bug of this tool, not of your stack): {first_line(e)}", file=sys.stderr)
+            sys.exit(INTERNAL_ERROR)
         code = getattr(e, "exit_code", 2)
         print(f"{'stopped' if code > 128 else 'verdict' if code == 1 else 'error'}: {e}", file=sys.stderr)
         sys.exit(code)

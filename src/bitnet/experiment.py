@@ -17,7 +17,7 @@ from .diagnose.early import STOP_FILE, Watch, ask_to_stop, check_before_training
 from .diagnose.rules import compare_data, context_free_baseline
 from .diagnose.verdict import format_results, judge_user_data
 from .distributed import is_main_process
-from .errors import Broken, TrainingError, stop_on_signals
+from .errors import INTERNAL_ERROR, Broken, TrainingError, stop_on_signals
 from .rundir import CKPT_NAME, METRICS_NAME, out_dir_lock, previous_checkpoint, write_json_atomic
 from .trainer import train
 
@@ -220,7 +220,7 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
                             + "; ".join(failed))
         real = codes - {130, 143}  # a run that failed (the other was stopped so as not to wait for it)
         err.exit_code = ((codes.pop() if len(codes) == 1 else 2) if stopped
-                         else real.pop() if len(real) == 1 and real <= {3, 4} else 2)  # NaN or disk full: say so
+                         else real.pop() if len(real) == 1 and real <= {3, 4, INTERNAL_ERROR} else 2)  # NaN, disk full, a bug: say so
         raise err
     summaries = {}
     for name in procs:

@@ -7,7 +7,7 @@ import re
 import torch
 import torch.nn as nn
 
-from ..words import WORD_RE, words_of  # noqa: F401 - WORD_RE was defined here
+from ..words import words_of
 from .probes import eval_mode, logits_of, next_token_loss, random_batch, result
 from .rules import _finite, learning_summary  # noqa: F401 (learning_summary: its old home)
 

@@ -6,6 +6,7 @@ import sys
 import torch
 import torch.nn as nn
 
+from ..build import with_data_bug
 from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..errors import TrainingError
 from ..rundir import CKPT_NAME, METRICS_NAME, find_runs
@@ -103,9 +104,7 @@ def diagnose_checkpoint(path: str, write: bool = False) -> dict:
     task = task_from_checkpoint(ckpt.get("task") or {}, cfg)
     inputs = {}
     if task is not None:
-        if cfg.inject_bug:
-            from ..bugs import wrap_task  # the self-test only: a data bug, as the run trained with it
-            task = wrap_task(task, cfg.inject_bug)
+        task = with_data_bug(task, cfg)  # a self-test data bug, as the run trained with it
         inputs = task.diagnosis_inputs(model)
     batch = inputs.get("batch")
 

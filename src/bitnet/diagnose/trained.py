@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .probes import eval_mode  # score the trained model, not its dropout
+
 # ----------------------------------------------------------------------------- the model as a function
 
 
@@ -52,19 +54,6 @@ class quantized_once:
     def __exit__(self, *exc):
         for m in self.layers:
             del m.forward  # back to the class's forward
-
-
-class eval_mode:
-    """Score the trained model, not its dropout: eval() inside, the caller's mode restored after."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.was = model, model.training
-
-    def __enter__(self):
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.was)
 
 
 @torch.no_grad()
