@@ -36,7 +36,8 @@ def load_data_tokenizer(path: str):
         else:
             raise ValueError("no such file or folder")
     except Exception as e:  # noqa: BLE001 - tokenizers and transformers fail in many ways
-        raise ValueError(f"--data-tokenizer {path}: cannot load a tokenizer ({str(e).strip().splitlines()[0][:200]}); "
+        why = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise ValueError(f"--data-tokenizer {path}: cannot load a tokenizer ({why}); "
                          f"give a tokenizer.json file or a transformers tokenizer folder") from None
     if separator_id(tok) is None:
         raise ValueError(f"--data-tokenizer {path} has no end-of-document token ({EOT} or </s>): our held-out "
@@ -46,7 +47,7 @@ def load_data_tokenizer(path: str):
 
 class UserDataTask(TinyStoriesTask):
     """TinyStories with the training batches of the user's loader; evaluation, samples and the
-    diagnosis as TinyStoriesTask's (our tokenizer, our held-out text)."""
+    diagnosis as TinyStoriesTask's (our held-out text, in our tokenizer or --data-tokenizer's)."""
 
     name = "tinystories-user-data"
 
