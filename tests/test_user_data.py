@@ -109,7 +109,7 @@ def test_a_correct_loader_with_its_own_tokenizer_is_compared_in_bits_per_byte(co
     from bitnet.checkpoint import load_checkpoint
     ckpt = load_checkpoint(str(out / "yours"))
     from tokenizers import Tokenizer
-    assert ckpt["config"]["vocab_size"] == 640
+    assert ckpt["config"]["vocab_size"] == theirs.get_vocab_size() > 512  # ids our model could not take
     assert Tokenizer.from_str(ckpt["task"]["tokenizer"]).get_vocab() == theirs.get_vocab()
     assert load_checkpoint(str(out / "ours"))["config"]["vocab_size"] == 512  # ours is unchanged
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
