@@ -15,7 +15,7 @@ import os
 from bitnet import data_fineweb
 from bitnet.cli import add_user_data_args, build_config, choose_preset, common_parser, dry_run, set_threads
 from bitnet.data_tinystories import TinyStoriesTask, add_data_args, sources_from_args
-from bitnet.data_user import UserDataTask
+from bitnet.data_user import UserDataTask, load_data_tokenizer
 from bitnet.user_batches import RowStream, parse_kwargs
 from bitnet.errors import run_main
 from bitnet.experiment import run_experiment
@@ -33,11 +33,17 @@ def main():
     args = p.parse_args()
     if args.data and (args.twin or args.dataset != "tinystories"):
         raise ValueError("--data compares your batches with our TinyStories ones on one model; drop --twin and --dataset")
+    if args.data_tokenizer and args.data is None:
+        raise ValueError("--data-tokenizer names the tokenizer of --data's batches; add --data SPEC")
     if choose_preset(args) and args.dry_run is None:
         print(f"preset {args.preset}: " + ("the 12M seed config on CUDA" if args.preset == "tiny" else
               "no CUDA GPU in use, so the smaller CPU config (about 30 minutes on 2 cores)"))
     set_threads(args.threads)
     cfg = build_config(args)
+    # --data's ids are another tokenizer's: the model trained on them has its vocabulary ("ours" has --data "")
+    data_tokenizer = load_data_tokenizer(args.data_tokenizer) if args.data and args.data_tokenizer else None
+    if data_tokenizer:
+        cfg = cfg.with_overrides([f"vocab_size={data_tokenizer[0].get_vocab_size()}"])
     if dry_run(args, cfg):
         return
     tokenizer_dir = args.tokenizer or os.path.join(args.out_dir, "tokenizer")
@@ -50,10 +56,10 @@ def main():
         if args.data_files:
             raise ValueError("--data-files is for --dataset fineweb-edu; TinyStories takes --data-dir or --train-file/--val-file")
         train_source, val_source = sources_from_args(args)
-        if args.data:  # your batches; our tokenizer, held-out text and scores
+        if args.data:  # your batches (and tokenizer, with --data-tokenizer); our held-out text and scores
             rows = RowStream(args.data, parse_kwargs(args.data_kwargs), cfg.spec_paths.split(os.pathsep) if cfg.spec_paths
                              else (), cfg.max_position_embeddings)
-            task = UserDataTask(cfg, tokenizer_dir, train_source, val_source, cache_dir, rows)
+            task = UserDataTask(cfg, tokenizer_dir, train_source, val_source, cache_dir, rows, data_tokenizer)
         else:
             task = TinyStoriesTask(cfg, tokenizer_dir, train_source, val_source, cache_dir)
 

@@ -31,9 +31,21 @@ def corpus(tmp_path_factory):
     return out
 
 
-def train(corpus, out, loader, steps=80, extra=()):
-    kwargs = json.dumps({"tokenizer": str(corpus / "tok" / "tokenizer.json"), "text": str(corpus / "train.txt"),
-                         "batch_size": 16})
+def their_tokenizer(path, vocab_size, special_tokens):
+    """A byte-level BPE made elsewhere: its own special tokens first, so its ids are not ours."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(path)], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def train(corpus, out, loader, steps=80, extra=(), tokenizer=None):
+    """--data LOADER with its ids from `tokenizer` (a tokenizer.json; default ours)."""
+    kwargs = json.dumps({"tokenizer": str(tokenizer or corpus / "tok" / "tokenizer.json"),
+                         "text": str(corpus / "train.txt"), "batch_size": 16})
     cmd = [sys.executable, str(ROOT / "train_bitnet_tiny.py"), "--out-dir", str(out), *TINY,
            "--max-steps", str(steps), "--data-dir", str(corpus), "--tokenizer", str(corpus / "tok"),
            "--cache-dir", str(corpus / "cache"), "--data", f"{LOADERS}:{loader}", "--data-kwargs", kwargs, *extra]
@@ -79,6 +91,44 @@ def test_a_correct_loader_is_not_broken_and_its_checkpoint_works_in_the_tools(co
     assert codec_for(identity).decode(codec_for(identity).encode("Once upon a time")).endswith("Once upon a time")
 
 
+def test_a_correct_loader_with_its_own_tokenizer_is_compared_in_bits_per_byte(corpus, tmp_path):
+    """nanoGPT's get_batch over another tokenizer's ids (more tokens than ours, every id shifted):
+    with --data-tokenizer the model of "yours" has that vocabulary, our held-out text is encoded with
+    it and scored per byte, check_data reads the batches with it, and generate works on OUT/yours."""
+    theirs = their_tokenizer(corpus / "train.txt", 640, ["<unk>", "<s>", "</s>", "<|endoftext|>"])
+    theirs.save(str(tmp_path / "theirs.json"))
+    out = tmp_path / "run"
+    proc = train(corpus, out, "nanogpt", tokenizer=tmp_path / "theirs.json",
+                 extra=["--data-tokenizer", str(tmp_path / "theirs.json")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["verdict"] != "BROKEN", verdict["evidence"]["reason"]
+    assert not data_faults(verdict) and not verdict["evidence"]["data"]["check_data_problems"]
+    comparison = verdict["evidence"]["data"]["comparison"]
+    assert comparison["judged"] and not comparison["worse"], comparison["finding"]
+    from bitnet.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(str(out / "yours"))
+    from tokenizers import Tokenizer
+    assert ckpt["config"]["vocab_size"] == theirs.get_vocab_size() > 512  # ids our model could not take
+    assert Tokenizer.from_str(ckpt["task"]["tokenizer"]).get_vocab() == theirs.get_vocab()
+    assert load_checkpoint(str(out / "ours"))["config"]["vocab_size"] == 512  # ours is unchanged
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    gen = subprocess.run([sys.executable, "-m", "bitnet.generate", "--checkpoint", str(out / "yours"),
+                          "--prompt", "Once upon a time", "--max-new-tokens", "8"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert gen.returncode == 0 and gen.stdout.startswith("Once upon a time"), gen.stderr[-2000:]
+
+
+def test_a_tokenizer_without_our_separator_gets_no_prefix_and_stops_at_its_eos(corpus):
+    """The codec of OUT/yours when the user's tokenizer has no <|endoftext|>: nothing put first,
+    generation stops at its own </s>."""
+    from bitnet.tasks import codec_for
+    theirs = their_tokenizer(corpus / "valid.txt", 300, ["<s>", "</s>"])
+    codec = codec_for({"task": "tinystories-user-data", "tokenizer": theirs.to_str()})
+    assert codec.prefix == () and codec.stop_id == theirs.token_to_id("</s>")
+    assert codec.decode(codec.encode("Once upon a time")) == "Once upon a time"
+
+
 def test_packing_without_separators_is_named_before_training(corpus, tmp_path):
     """A fault too mild to show in a short run is still named: check_data reads the first batches."""
     proc = train(corpus, tmp_path / "run", "packed_no_separator", steps=10)
@@ -91,6 +141,7 @@ def test_packing_without_separators_is_named_before_training(corpus, tmp_path):
     (["--data", "no_such_module_xyz:batches"], "no_such_module_xyz"),
     (["--data-kwargs", "{oops"], "--data-kwargs"),
     (["--twin"], "drop --twin"),
+    (["--data-tokenizer", "/no/such/tokenizer.json"], "--data-tokenizer /no/such/tokenizer.json"),
 ])
 def test_bad_input_is_one_line_exit_2(corpus, tmp_path, flags, words):
     proc = train(corpus, tmp_path / "run", "nanogpt", steps=5, extra=flags)

@@ -74,6 +74,10 @@ def add_user_data_args(p: argparse.ArgumentParser):
                                                   "for check_data): the same model trains on yours and on ours, "
                                                   "scored in bits/byte on our held-out text")
     g.add_argument("--data-kwargs", default="{}", metavar="JSON", help="keyword arguments for --data's factory")
+    g.add_argument("--data-tokenizer", metavar="PATH", help="the tokenizer of --data's ids when they are not ours (a "
+                                                            "tokenizer.json or a transformers folder): that run's "
+                                                            "model gets its vocabulary and our held-out text is "
+                                                            "encoded with it")
 
 
 def parse_duration(text: str) -> float:

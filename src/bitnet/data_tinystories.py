@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .rundir import atomic_path
 from .taskkit import TextCodec, unigram_loss
 from .text_tokenizer import (EOT, PAD, check_vocab, foreign_text_codec, load_tokenizer,  # noqa: F401
-                             save_tokenizer, token_byte_lengths, tokenizer_from_identity, train_bpe)
+                             save_tokenizer, separator_id, token_byte_lengths, tokenizer_from_identity, train_bpe)
 from .words import words_of
 HUB_DATASET = "roneneldan/TinyStories"
 PROMPTS = ("Once upon a time", "Lily and Ben", "The little dog")
@@ -193,8 +193,8 @@ def sources_from_args(args):
 
 
 def encode_stories(tok, stories: list[str]) -> np.ndarray:
-    """Each story's tokens followed by <|endoftext|>, as one uint16 array."""
-    eot = tok.token_to_id(EOT)
+    """Each story's tokens followed by <|endoftext|> (separator_id), as one uint16 array."""
+    eot = separator_id(tok)
     ids = [i for enc in tok.encode_batch(stories) for i in (*enc.ids, eot)]
     return np.array(ids, dtype=np.uint16)
 
@@ -203,7 +203,7 @@ def text_tokens(tok, text: str) -> np.ndarray:
     stories = split_stories(text)
     if not stories:
         raise ValueError(f"the text holds no stories; expected UTF-8 text with each story followed by a line {EOT}")
-    return np.concatenate([np.array([tok.token_to_id(EOT)], dtype=np.uint16), encode_stories(tok, stories)])
+    return np.concatenate([np.array([separator_id(tok)], dtype=np.uint16), encode_stories(tok, stories)])
 
 # ----------------------------------------------------------------------------- token caches
 
@@ -236,7 +236,7 @@ def build_token_cache(source, tok, path: str) -> int:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     t0, n_tokens = time.time(), 1
     with atomic_path(path, "the token cache", then="free some space and run again") as tmp, open(tmp, "wb") as f:
-        np.array([tok.token_to_id(EOT)], dtype=np.uint16).tofile(f)
+        np.array([separator_id(tok)], dtype=np.uint16).tofile(f)
         stories = tqdm(iter_stories(source), desc=f"tokenizing {source}", unit=" stories",  # delay: no bar for
                        file=sys.stderr, mininterval=2.0, leave=False, delay=2.0)  # a quick job or a bad file's error
         for batch in iter(lambda it=iter(stories): list(itertools.islice(it, 1024)), []):
@@ -315,11 +315,13 @@ class TinyStoriesTask:
     corpus = "tinystories"  # check_model's reference band for a loss on this text
     prompts = PROMPTS  # what generate_stories() continues at each evaluation
 
-    def __init__(self, cfg, tokenizer_dir: str, train_source, val_source, cache_dir: str):
+    def __init__(self, cfg, tokenizer_dir: str, train_source, val_source, cache_dir: str, tokenizer=None):
+        """`tokenizer`: (tokenizers.Tokenizer, its JSON) to use instead of tokenizer_dir's (data_user's
+        --data-tokenizer); its documents are separated by its end-of-document token (separator_id)."""
         self.cfg = cfg
-        self.tok, self.tokenizer_json = load_tokenizer(tokenizer_dir)
+        self.tok, self.tokenizer_json = tokenizer or load_tokenizer(tokenizer_dir)
         check_vocab(self.tok, cfg, tokenizer_dir)
-        self.eot = self.tok.token_to_id(EOT)
+        self.eot = separator_id(self.tok)
         self.byte_lengths = token_byte_lengths(self.tok)
         self.sources = {"train": str(train_source), "val": str(val_source)}
         self.train_tokens = load_tokens(train_source, self.tok, self.tokenizer_json, cache_dir)

@@ -12,6 +12,7 @@ from .taskkit import TextCodec
 
 EOT = "<|endoftext|>"  # before every document in training, so prompts start with it too
 PAD = "<|pad|>"
+END_NAMES = (EOT, "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")  # end-of-document tokens, ours first
 
 
 def train_bpe(stories: Iterable[str], vocab_size: int = 2048, show_progress: bool = True):
@@ -63,6 +64,12 @@ def load_tokenizer(tokenizer_dir: str):
     if tok.token_to_id(EOT) is None:
         raise ValueError(f"{path} has no {EOT} token; train the tokenizer with train_tinystories_tokenizer.py")
     return tok, text
+
+
+def separator_id(tok) -> int | None:
+    """The token put between documents: <|endoftext|>, or the end-of-document token of a tokenizer
+    made elsewhere (train_bitnet_tiny.py --data-tokenizer); None when it has neither."""
+    return next((tok.token_to_id(t) for t in END_NAMES if tok.token_to_id(t) is not None), None)
 
 
 def check_vocab(tok, cfg, tokenizer_dir: str):
