@@ -148,3 +148,22 @@ def test_bad_input_is_one_line_exit_2(corpus, tmp_path, flags, words):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_negative_ids_are_one_line_not_a_crash():
+    """A loader that pads its inputs or marks ignored labels with -1 (not -100) would index the
+    embedding out of range: get_batch says so in one line (a ValueError: exit 2)."""
+    import types
+
+    import numpy as np
+
+    from bitnet.data_user import UserDataTask
+    task = object.__new__(UserDataTask)  # only what get_batch reads: the rows, the spec, the vocabulary
+    rows = {0: (np.array([5, 6, -1]), np.array([6, -1, -100])), 1: (np.array([1, 2, 3]), np.array([2, 3, 4]))}
+    task.rows, task.spec = types.SimpleNamespace(row=rows.__getitem__), "loader.py:batches"
+    task.cfg = types.SimpleNamespace(vocab_size=512)
+    with pytest.raises(ValueError, match="ids must be >= 0 and ignored labels -100"):
+        task.get_batch(0, 2)
+    rows[0] = (np.array([5, 6, 7]), np.array([6, 7, -100]))
+    x, y = task.get_batch(0, 2)
+    assert x.shape == (2, 3) and int(y[0, 2]) == -100

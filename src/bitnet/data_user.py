@@ -84,6 +84,10 @@ class UserDataTask(TinyStoriesTask):
         y = np.full((batch_size, width), IGNORE_INDEX, np.int64)
         for i, (rx, ry) in enumerate(rows):
             x[i, :len(rx)], y[i, :len(ry)] = rx, ry
+        if x.min() < 0 or ((y < 0) & (y != IGNORE_INDEX)).any():  # e.g. -1 as padding or as the ignored label
+            raise ValueError(f"--data {self.spec} yields token id {min(x.min(), y[y != IGNORE_INDEX].min(initial=0))} "
+                             f"at step {step}: ids must be >= 0 and ignored labels -100 (map your padding or "
+                             f"ignore index to -100 in the loader)")
         if x.max() >= self.cfg.vocab_size or y.max() >= self.cfg.vocab_size:
             raise ValueError(f"--data {self.spec} yields token id {max(x.max(), y.max())} at step {step}, beyond the "
                              f"model's vocab_size {self.cfg.vocab_size}: name the tokenizer of your ids with "

@@ -319,7 +319,8 @@ def stack_statement(stack: dict, verdict: dict, history: list[dict], twin_histor
     ternary-versus-twin comparison says about their layer."""
     plugged = stack.get("parts") or {}
     head = "your stack: " + ("; ".join(f"{part} {shown(spec)}" for part, spec in plugged.items()) or "ours only") + ". "
-    subject = "your layer" if ("layer" in plugged or "model" in plugged) else "with your optimizer, the ternary model"
+    subject = ("your layer" if ("layer" in plugged or "model" in plugged)
+               else "with your optimizer, the ternary model" if "optimizer" in plugged else "the ternary model")
     ev = verdict["evidence"]
     consequences = list(ev.get("consequences", {}))  # probes that fail only through the trained weights
     failed = [name for name, ok in ev.get("probes", {}).items() if not ok and name not in consequences]
