@@ -17,6 +17,8 @@ Resume. A process's position is the dataset's own state_dict() (shard and row) p
 read but not yet trained on. The trainer gathers every process's position into the checkpoint
 (distributed.gather_task_state) and hands each its own back on --resume.
 """
+import atexit
+import gc
 import hashlib
 import itertools
 import math
@@ -51,6 +53,12 @@ class DocSource:
     def dataset(self):
         """The streaming IterableDataset of rows, or a one-line error saying what to do instead."""
         import datasets
+
+        # A parquet stream's Arrow scanner threads must be joined while Arrow is alive: left to the
+        # interpreter's last teardown they abort the process ("terminate called without an active
+        # exception", exit -6) after all the work is done (huggingface/datasets#7566). Collect first.
+        atexit.unregister(gc.collect)  # once, however many streams this process opened
+        atexit.register(gc.collect)
 
         if not self.files:
             if hub_offline():
