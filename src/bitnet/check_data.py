@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import inspect
 import json
-import os
 import re
 import sys
 import time
@@ -29,7 +28,7 @@ from .diagnose.data_checks import (Data, DataError, check_inference_start, check
                                    check_tokenizer_text, check_val, read_batches, token_counts)
 from .diagnose.local_hub import hub_to_local, parse_mapping
 from .diagnose.problems import PROBLEMS, is_deviation
-from .diagnose.tokenizer_checks import (TokenizerError, examples_of, from_object, load_codec, roundtrip_report,
+from .diagnose.tokenizer_checks import (TokenizerError, examples_of, roundtrip_report, tokenizer_of,
                                         whitespace_probe)
 from .spec import SpecError, resolve_spec
 from .errors import run_main
@@ -80,12 +79,6 @@ def load(spec: str, paths, kwargs: dict, max_batches: int, label: str, **rank):
     factory = resolve_spec(spec, paths)
     with contextlib.redirect_stdout(sys.stderr):  # a loader's prints stay off our table and JSON line
         return read_batches(open_loader(factory, kwargs, f"{label} {spec}", **rank), max_batches, f"{label} {spec}")
-
-
-def tokenizer_of(arg: str, paths):
-    if os.path.exists(arg) or ":" not in arg:
-        return load_codec(arg)
-    return from_object(resolve_spec(arg, paths))
 
 
 def shown(data: Data, row: np.ndarray, pad: np.ndarray, width: int = 320) -> str:

@@ -26,6 +26,7 @@ import torch
 from .diagnose import trained
 from .diagnose.loss_bands import expected_band
 from .diagnose.problems import PROBLEMS, SEVERITY_ORDER, severity_of
+from .diagnose.tokenizer_checks import tokenizer_of
 from .errors import TrainingError, run_main
 from .spec import resolve_spec
 
@@ -107,28 +108,10 @@ def packed_and_latent(path: str, ckpt: dict) -> tuple[dict, dict]:
 
 
 def load_tokenizer(spec: str, paths):
-    """(encode with the tokenizer's own specials, encode plain, decode, unk id, normalize)."""
-    if os.path.isfile(spec) and spec.endswith(".json"):
-        from tokenizers import Tokenizer
-        try:
-            tok = Tokenizer.from_file(spec)
-        except Exception as e:
-            raise InputError(f"--tokenizer {spec} is not a tokenizers JSON file: {e}") from None
-        unk = getattr(tok.model, "unk_token", None)
-        return (lambda s: tok.encode(s).ids, lambda s: tok.encode(s, add_special_tokens=False).ids,
-                lambda ids: tok.decode(ids, skip_special_tokens=False), tok.token_to_id(unk) if unk else None,
-                tok.normalizer.normalize_str if tok.normalizer else None)
-    if os.path.isdir(spec):
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
-        return (lambda s: tok(s)["input_ids"], lambda s: tok(s, add_special_tokens=False)["input_ids"],
-                lambda ids: tok.decode(ids, clean_up_tokenization_spaces=False), tok.unk_token_id, None)
-    obj = resolve_spec(spec, paths)
-    obj = obj() if isinstance(obj, type) else obj
-    if not (callable(getattr(obj, "encode", None)) and callable(getattr(obj, "decode", None))):
-        raise InputError(f"--tokenizer {spec} has no encode(str) and decode(ids); give a tokenizer.json, a "
-                         f"transformers folder or a SPEC for such an object")
-    return lambda s: list(obj.encode(s)), lambda s: list(obj.encode(s)), lambda ids: obj.decode(list(ids)), None, None
+    """(encode with the tokenizer's own specials, encode plain, decode, unk id, normalize), from
+    --tokenizer as check_data reads it (diagnose.tokenizer_checks.tokenizer_of)."""
+    codec = tokenizer_of(spec, paths)
+    return codec.encode_for_inference, codec.encode, codec.decode, codec.unk_id, codec.normalize
 
 
 def user_code(fn, flag: str):

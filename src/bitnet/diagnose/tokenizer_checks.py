@@ -112,6 +112,15 @@ def load_codec(path: str) -> Codec:
     raise TokenizerError(f"no tokenizer at {path}: give a tokenizer.json file or a transformers tokenizer folder")
 
 
+def tokenizer_of(arg: str, paths=()) -> Codec:
+    """--tokenizer as every tool takes it: a tokenizers JSON file or a transformers folder, else a
+    SPEC naming a tokenizer object (or a factory of one)."""
+    from ..spec import resolve_spec
+    if os.path.exists(arg) or ":" not in arg:
+        return load_codec(arg)
+    return from_object(resolve_spec(arg, paths))
+
+
 # ----------------------------------------------------------------------------- round trips
 
 def examples_of(text: str, limit: int) -> list[str]:
