@@ -4,6 +4,7 @@ This is the one place where our model, a plugged-in model (`--linear` / `--model
 `--optimizer`, see plugged.py) and a self-test bug (`--inject-bug`, see bugs.py) are chosen.
 bugs.py is imported only when a bug is asked for: the correct stack never loads it."""
 import contextlib
+from dataclasses import replace
 
 import torch
 
@@ -86,8 +87,23 @@ def check_bug_name(name: str):
         get_bug(name)
 
 
-def check_user_stack(cfg: BitNetConfig):
-    """Build the user's ternary model and optimizer once: a bad SPEC, a factory that raises or a
-    wrong output shape is a one-line error before any training (and before a twin's two children)."""
+def prepare_run(cfg: BitNetConfig, task, build: bool):
+    """What an experiment takes from here before training, in one call: the task (with the
+    self-test's data bug when cfg.inject_bug is one) and, when `build`, the model and optimizer
+    training would start from (same seed, on the CPU, not compiled; the global RNG untouched),
+    for the checks before training. Building them first also turns a bad SPEC, a factory that
+    raises or a wrong output shape into a one-line error before any training."""
+    task = with_data_bug(task, cfg)
+    if not build:
+        return task, None, None
     with torch.random.fork_rng(devices=[]):
-        make_optimizer(build_model(cfg), cfg, torch.device("cpu"))
+        torch.manual_seed(cfg.seed)
+        model = build_model(replace(cfg, compile=False))
+        optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+    return task, model, optimizer
+
+
+def training_stack(cfg: BitNetConfig, device: torch.device):
+    """What the trainer trains with: the model on `device`, its optimizer and the autocast context."""
+    model = build_model(cfg).to(device)
+    return model, make_optimizer(model, cfg, device), autocast_for(device, cfg.dtype)

@@ -10,7 +10,7 @@ import threading
 import time
 
 from . import plugged
-from .build import build_model, check_user_stack, make_optimizer, with_data_bug
+from .build import prepare_run
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .diagnose import QuantHealthTracker, compare_twins, diagnose_run, read_metrics
 from .diagnose.early import STOP_FILE, Watch, ask_to_stop, check_before_training, twin_behind
@@ -36,12 +36,15 @@ def run_experiment(args, cfg, task, script: str, summarize, report, child_args: 
     if args.twin and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--twin runs its two models as two plain processes; under torchrun train one model "
                          "per job (--quant ternary, then --quant none)")
-    task = with_data_bug(task, cfg)  # the self-test's data bugs only
+    check = not (args.no_verdict or args.resume or args.resume_from_previous)  # a twin's parent checked already
+    # the task (with the self-test's data bug, if any); the model and optimizer to check (built once
+    # by a twin's parent even without the check: the user's code fails here, not in both children)
+    task, model, optimizer = prepare_run(cfg, task, build=check or (args.twin and bool(plugged.parts(cfg))))
     with out_dir_lock(args.out_dir) if is_main_process() else contextlib.nullcontext():
-        if not (args.no_verdict or args.resume or args.resume_from_previous):  # a twin's parent checked already
+        if check:
             log = print if is_main_process() else (lambda *a: None)
-            broken = check_before_training(cfg, task, args.out_dir if is_main_process() else None, build_model,
-                                           make_optimizer, log)
+            broken = check_before_training(cfg, task, model, optimizer, args.out_dir if is_main_process() else None,
+                                           log)
             if broken and not args.train_anyway:
                 raise Broken(broken_line(broken, args.out_dir, "before training"))
         if args.twin:
@@ -89,8 +92,6 @@ def run_one(args, cfg, task, summarize, report, conclude=None) -> dict:
 
 def run_pair(args, cfg, task, script: str, report, child_args=(), conclude=None) -> dict:
     """The ternary model and its twin (run_twin), then the comparison and one verdict for the pair."""
-    if plugged.parts(cfg):  # the user's code fails here, in one line, rather than in both children
-        check_user_stack(cfg)
     # the verdict's baseline: the loss reachable from the previous token alone
     baseline = context_free_baseline(task.get_batch)["loss"] if callable(getattr(task, "get_batch", None)) else None
 

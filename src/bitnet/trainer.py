@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, plan
-from .build import autocast_for, build_model, make_optimizer, pick_device
+from .build import pick_device, training_stack
 from .checkpoint import checkpoint_contents, restore_run, save_checkpoint, seed_everything
 from .config_tiny import BitNetConfig
 from .errors import Interrupted, NonFiniteLoss, TrainingError, stop_requested
@@ -113,9 +113,8 @@ def setup(cfg: BitNetConfig, task, out_dir: str, device: str, resume, on_eval, q
     quiet = quiet or not ctx.is_main  # only rank 0 logs
     log = (lambda s: None) if quiet else (lambda s: tqdm.write(s, file=sys.stdout))
     seed_everything(cfg.seed)
-    model = build_model(cfg).to(ctx.device)
-    run = Run(cfg, task, ctx, model, make_optimizer(model, cfg, ctx.device), out_dir, on_eval, log, quiet)
-    run.amp = autocast_for(ctx.device, cfg.dtype)
+    model, optimizer, amp = training_stack(cfg, ctx.device)
+    run = Run(cfg, task, ctx, model, optimizer, out_dir, on_eval, log, quiet, amp=amp)
     train_state = {}
     if resume:  # True: OUT_DIR/ckpt.pt; a path: that checkpoint (e.g. ckpt.prev.pt when ckpt.pt is damaged)
         source = run.ckpt_path if resume is True else str(resume)

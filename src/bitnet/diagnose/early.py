@@ -22,7 +22,6 @@ second at least 2 x warm-up): a healthy ternary loss curve is S-shaped and early
 """
 import json
 import os
-from dataclasses import replace
 
 import torch
 
@@ -68,14 +67,10 @@ def before_training(model, optimizer, task, cfg) -> dict:
     return {"verdict": verdict, "probes": probes, "detectors": detectors}
 
 
-def check_before_training(cfg, task, out_dir: str, build_model, make_optimizer, log=print) -> dict | None:
-    """Build the run's model and optimizer as training would (same seed, on the CPU) and run
-    before_training(). BROKEN: print the findings and the verdict, write verdict.json, and return
-    the verdict (and write it to `out_dir`, unless None); otherwise print one line and return None."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_model(replace(cfg, compile=False))
-        optimizer = make_optimizer(model, cfg, torch.device("cpu"))
+def check_before_training(cfg, task, model, optimizer, out_dir: str, log=print) -> dict | None:
+    """before_training() on the model and optimizer the run would start from (build.prepare_run).
+    BROKEN: print the findings and the verdict, write verdict.json, and return the verdict (and
+    write it to `out_dir`, unless None); otherwise print one line and return None."""
     checked = before_training(model, optimizer, task, cfg)
     verdict = checked["verdict"]
     n = len(checked["probes"]) + len(checked["detectors"])
