@@ -238,6 +238,49 @@ def test_non_finite_loss_exits_3_and_keeps_the_last_good_checkpoint(capsys, tmp_
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+# The children of a twin run are separate processes, so the fault reaches them the way code of
+# one's own would: a sitecustomize on their PYTHONPATH (nothing in the library is switched).
+NAN_IN_TERNARY_CHILD = """
+from bitnet.model import BitNetForCausalLM
+real, steps = BitNetForCausalLM.forward, []
+def forward(self, *args, **kwargs):  # the ternary model's loss turns NaN at its 13th training step
+    logits, loss = real(self, *args, **kwargs)
+    if self.training and loss is not None and self.config.quant == "ternary":
+        steps.append(1)
+        if len(steps) > 12:
+            loss = loss * float("nan")
+    return logits, loss
+BitNetForCausalLM.forward = forward
+"""
+
+
+def test_a_twin_child_dying_of_nan_stops_the_other_and_the_parent_exits_3(capsys, tmp_path, monkeypatch):
+    import time
+
+    from bitnet.checkpoint import load_checkpoint
+
+    (tmp_path / "poison").mkdir()
+    (tmp_path / "poison" / "sitecustomize.py").write_text(NAN_IN_TERNARY_CHILD)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "poison"), os.environ.get("PYTHONPATH", "")]))
+    out = str(tmp_path / "run")
+    t0 = time.time()
+    # 100,000 steps: the fp twin alone would train for minutes; it must be stopped within seconds
+    code, lines = run_tool(capsys, ARITH, ["--twin", "--out-dir", out, "--max-steps", "100000",
+                                           "--set", "eval_interval=5", *TINY_ARITH])
+    assert code == 3, lines
+    # the ternary child's own error, live (its stderr is echoed), then the parent's one line
+    assert any("loss became nan at step 12" in ln for ln in lines[:-1]), lines
+    assert lines[-1].startswith("error: twin run failed") and not any(ln.startswith("Traceback") for ln in lines)
+    assert f"ternary (exit 3, see {os.path.join(out, 'ternary', 'train.log')})" in lines[-1], lines
+    assert f"fp (exit 143, see {os.path.join(out, 'fp', 'train.log')})" in lines[-1], lines  # stopped by the parent
+    assert time.time() - t0 < 120
+    ternary_log = open(os.path.join(out, "ternary", "train.log")).read()
+    assert "loss became nan at step 12" in ternary_log, ternary_log[-2000:]  # the log the line names holds it
+    fp = load_checkpoint(os.path.join(out, "fp"))  # SIGTERM: the twin saved where it stopped
+    assert 12 <= fp["step"] < 100000
+    assert load_checkpoint(os.path.join(out, "ternary"))["step"] == 10  # the last good one, kept
+
+
 # ---------------------------------------------------------------- TinyStories data and tokenizer
 WORDS = ("cat dog sun tree ball red big small happy sad ran jumped saw played with the a and was "
          "Tom Lily Ben park home mom friend little bird fish blue green").split()

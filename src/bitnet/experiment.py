@@ -179,7 +179,8 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
         cmd = [sys.executable, script, *argv, *own_flags, "--out-dir", sub, "--threads", str(threads)]
         log = open(os.path.join(sub, "train.log"), "w")
         live = name == arms[0][0]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if live else log, text=True, bufsize=1)
+        err_r, err_w = os.pipe() if live else (None, log)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_w, text=True, bufsize=1)
         procs[name] = (proc, log)
 
         def pump(p=proc, f=log, echo=live):
@@ -190,9 +191,13 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
                     sys.stdout.write(line)
                     sys.stdout.flush()
 
-        t = threading.Thread(target=pump, daemon=True)
-        t.start()
-        pumps.append(t)
+        threads_here = [threading.Thread(target=pump, daemon=True)]
+        if live:  # its stderr: live on ours (the progress bar), and into train.log, whose path a failure names
+            os.close(err_w)
+            threads_here.append(threading.Thread(target=pump_stderr, args=(err_r, log), daemon=True))
+        for t in threads_here:
+            t.start()
+        pumps += threads_here
     quiet_arm = arms[-1][0]
     print(f"{' and '.join(name for name, _ in arms)} training side by side, {threads} thread(s) each; "
           f"{quiet_arm} logs to {os.path.join(out_dir, quiet_arm, 'train.log')}", flush=True)
@@ -228,6 +233,23 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
         with open(os.path.join(out_dir, name, "summary.json")) as f:
             summaries[name] = json.load(f)
     return summaries
+
+
+def pump_stderr(fd: int, log):
+    """Echo a child's stderr to ours as it comes (a progress bar redraws with \\r), and write its
+    lines to `log`, a progress bar's last state only, so the error a child dies with is in its log."""
+    pending = b""
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(4096):
+            sys.stderr.write(chunk.decode(errors="replace"))  # (a multi-byte character split here shows as ?)
+            sys.stderr.flush()
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                log.write(line.rsplit(b"\r", 1)[-1].decode(errors="replace") + "\n")
+            log.flush()
+    if pending:
+        log.write(pending.rsplit(b"\r", 1)[-1].decode(errors="replace") + "\n")
+        log.flush()
 
 
 def watch_pair(procs: dict, out_dir: str, judge=None, poll_s: float = 1.0):
