@@ -14,9 +14,9 @@ import time
 from tqdm.auto import tqdm
 
 from bitnet import data_fineweb
-from bitnet.data_tinystories import (add_data_args, iter_stories, read_text_file, save_tokenizer, sources_from_args,
-                                     train_bpe)
+from bitnet.data_tinystories import add_data_args, iter_stories, read_text_file, sources_from_args
 from bitnet.errors import run_main
+from bitnet.text_tokenizer import save_tokenizer, train_bpe
 
 
 def main():

@@ -17,7 +17,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "src"))
 from bitnet.config_tiny import BitNetConfigArithmeticCPU  # noqa: E402
-from bitnet.data_arithmetic import ArithmeticDomain, format_prompt, is_heldout, solve  # noqa: E402
+from bitnet.arithmetic_codec import format_prompt  # noqa: E402
+from bitnet.arithmetic_problems import ArithmeticDomain, is_heldout, solve  # noqa: E402
 
 
 def write_problem_files(out_dir: str) -> dict[str, str]:

@@ -91,7 +91,7 @@ def make_synthetic_run(shape: str, run_dir: str) -> str:
     import torch
 
     from bitnet.config_tiny import PRESETS, BitNetConfigArithmetic
-    from bitnet.data_arithmetic import CharTokenizer
+    from bitnet.arithmetic_codec import CharTokenizer
     from bitnet.model import BitNetForCausalLM
     from bitnet.checkpoint import save_checkpoint
     p = PRESETS[shape]()

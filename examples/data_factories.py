@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from bitnet.config_tiny import BitNetConfigArithmetic
-from bitnet.data_arithmetic import ArithmeticTask, CharTokenizer, encode_problems
+from bitnet.arithmetic_codec import CharTokenizer
+from bitnet.arithmetic_problems import encode_problems
+from bitnet.data_arithmetic import ArithmeticTask
 from bitnet.data_fineweb import DocSource, FineWebTask
 from bitnet.data_tinystories import EOT, TinyStoriesTask, load_tokenizer
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from bitnet.config_tiny import BitNetConfigArithmetic
-from bitnet.data_arithmetic import (ArithmeticDomain, ArithmeticTask, CharTokenizer, encode_problems,
-                                    heldout_part, is_heldout, parse_problem)
+from bitnet.arithmetic_codec import CharTokenizer, parse_problem
+from bitnet.arithmetic_problems import ArithmeticDomain, encode_problems, heldout_part, is_heldout
+from bitnet.data_arithmetic import ArithmeticTask
 
 TOK = CharTokenizer()
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
@@ -303,7 +304,7 @@ def test_padded_numbers_sit_at_fixed_widths_and_tools_pad_prompts_to_match():
 
 
 def test_reversed_answers_are_written_backwards_and_read_forwards():
-    from bitnet.data_arithmetic import read_answer
+    from bitnet.arithmetic_codec import read_answer
     from bitnet.tasks import codec_for
     cfg = BitNetConfigArithmetic().with_overrides(["pad_numbers=true", "reverse_answers=true"])
     task = ArithmeticTask(cfg)

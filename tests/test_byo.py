@@ -183,7 +183,8 @@ def stories(n: int, seed: int) -> str:
 
 
 def test_tinystories_twin_run_with_all_three_parts(tmp_path, capsys):
-    from bitnet.data_tinystories import iter_stories, save_tokenizer, train_bpe
+    from bitnet.text_tokenizer import save_tokenizer, train_bpe
+    from bitnet.data_tinystories import iter_stories
     (tmp_path / "train.txt").write_text(stories(300, 0))
     (tmp_path / "valid.txt").write_text(stories(40, 1))
     save_tokenizer(train_bpe(iter_stories(str(tmp_path / "train.txt")), 300, show_progress=False), str(tmp_path / "tok"))

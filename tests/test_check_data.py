@@ -8,7 +8,8 @@ import pytest
 from conftest import story_corpus
 
 from bitnet import check_data
-from bitnet.data_tinystories import EOT, save_tokenizer, train_bpe
+from bitnet.text_tokenizer import save_tokenizer, train_bpe
+from bitnet.data_tinystories import EOT
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADERS = str(ROOT / "tests" / "fixtures" / "data_loaders.py")

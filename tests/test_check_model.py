@@ -32,7 +32,8 @@ def world(tmp_path_factory, arith_cfg):
         pytest.skip(f"no TinyStories text at {DATA}")
     from bitnet.config_tiny import BitNetConfigTinyCPU
     from bitnet.data_arithmetic import ArithmeticTask
-    from bitnet.data_tinystories import TinyStoriesTask, save_tokenizer, split_stories, train_bpe
+    from bitnet.text_tokenizer import save_tokenizer, train_bpe
+    from bitnet.data_tinystories import TinyStoriesTask, split_stories
     from bitnet.export import export
     from bitnet.trainer import train
     sys.path.insert(0, os.path.dirname(FIXTURE))

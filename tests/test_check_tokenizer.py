@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from bitnet import check_tokenizer
-from bitnet.data_tinystories import save_tokenizer, split_stories, train_bpe
+from bitnet.text_tokenizer import save_tokenizer, train_bpe
+from bitnet.data_tinystories import split_stories
 
 # the shared data sits beside the checkout (../shared), however deep the checkout is
 STORIES = next((p / "shared" / "data" / "tinystories" for p in Path(__file__).resolve().parents

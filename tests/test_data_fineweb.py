@@ -11,7 +11,7 @@ import torch
 
 from bitnet.config_tiny import BitNetConfigTiny
 from bitnet.data_fineweb import DocSource, FineWebTask, TokenStream
-from bitnet.data_tinystories import save_tokenizer, train_bpe
+from bitnet.text_tokenizer import save_tokenizer, train_bpe
 from bitnet.checkpoint import load_checkpoint
 from bitnet.trainer import train
 from conftest import assert_dicts_close

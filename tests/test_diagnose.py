@@ -14,7 +14,7 @@ from bitnet.bitlinear import BitLinear
 from bitnet.bitlinear import activation_quant, ste
 from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic
 from bitnet.data_arithmetic import ArithmeticTask
-from bitnet.diagnose.health import TrainingSignals
+from bitnet.train_signals import TrainingSignals
 from bitnet.diagnose.report import diagnose_run
 from bitnet.diagnose.rules import conclude, context_free_baseline
 from bitnet.bugs import BUGS

@@ -279,7 +279,8 @@ def test_readers_keep_working_while_a_run_writes(capsys, tmp_path):
 def test_every_other_writer_names_a_full_disk(small_disk, tmp_path):
     """Summary and verdict (write_json_atomic), plots, tokenizer and token cache on a disk with no room:
     one line each naming what and where, and nothing left behind but empty folders."""
-    from bitnet.data_tinystories import build_token_cache, iter_stories, save_tokenizer, train_bpe
+    from bitnet.text_tokenizer import save_tokenizer, train_bpe
+    from bitnet.data_tinystories import build_token_cache, iter_stories
     from bitnet.diagnose.plots import plot_loss_curves
     from bitnet.errors import DiskFull
     from bitnet.rundir import write_json_atomic

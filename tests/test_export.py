@@ -12,7 +12,8 @@ import torch
 from bitnet import export as ex
 from bitnet.bitlinear import weight_quant
 from bitnet.config_tiny import BitNetConfigArithmetic
-from bitnet.data_arithmetic import CHARS, ArithmeticTask, CharTokenizer
+from bitnet.arithmetic_codec import CHARS, CharTokenizer
+from bitnet.data_arithmetic import ArithmeticTask
 from bitnet.model import BitNetForCausalLM
 from bitnet.packing import PackedBitLinear, latent_from_ternary, pack_model, pack_ternary, unpack_ternary
 from bitnet.checkpoint import save_checkpoint
@@ -183,7 +184,8 @@ def test_arithmetic_tokenizer_is_a_fast_tokenizer_with_the_same_ids(hf, tmp_path
 
 
 def test_tinystories_tokenizer_exports_with_its_leading_endoftext(hf, tmp_path):
-    from bitnet.data_tinystories import EOT, train_bpe
+    from bitnet.text_tokenizer import train_bpe
+    from bitnet.data_tinystories import EOT
     from bitnet.tasks import codec_for
     bpe = train_bpe(["Once upon a time there was a cat.", "The dog ran to the park and the cat ran."] * 20,
                     vocab_size=300, show_progress=False)
@@ -211,7 +213,7 @@ def test_a_task_of_ones_own_needs_only_register(hf, tmp_path):
     """A new task registers its codec once; export and the tools then read its checkpoints
     without knowing its name (nothing in generate, evaluate or export names a task)."""
     from bitnet import tasks
-    from bitnet.data_tinystories import train_bpe
+    from bitnet.text_tokenizer import train_bpe
     from bitnet.generate import load_for_inference
     bpe = train_bpe(["the cat sat on the mat.", "a dog ran far."] * 20, vocab_size=290, show_progress=False)
     identity = {"task": "my-task", "tokenizer": bpe.to_str()}

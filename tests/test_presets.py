@@ -24,7 +24,8 @@ def tinystories_task_parts(tmp_path_factory):
     """A 512-token BPE and ~40 KB of real stories: enough for a few windows of the 12M model."""
     if not os.path.exists(os.path.join(DATA, "valid.txt")):
         pytest.skip(f"no TinyStories text at {DATA}")
-    from bitnet.data_tinystories import iter_stories, save_tokenizer, train_bpe
+    from bitnet.text_tokenizer import save_tokenizer, train_bpe
+    from bitnet.data_tinystories import iter_stories
     tmp = tmp_path_factory.mktemp("ts")
     text = open(os.path.join(DATA, "valid.txt"), encoding="utf-8").read()
     (tmp / "valid.txt").write_text(text[: text.index("<|endoftext|>", 40_000) + len("<|endoftext|>\n")], encoding="utf-8")

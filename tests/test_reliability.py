@@ -170,7 +170,7 @@ def test_checkpoint_from_another_config(capsys, run_dir):
 
 def test_checkpoint_from_another_tokenizer(capsys, run_dir, monkeypatch):
     out, before = run_dir
-    from bitnet.data_arithmetic import CharTokenizer
+    from bitnet.arithmetic_codec import CharTokenizer
     monkeypatch.setattr(CharTokenizer, "identity", "arith-char32-v2")  # as if the vocabulary had changed
     assert_refused(run_tool(capsys, ARITH, ["--out-dir", out, "--resume", *TINY_ARITH]),
                    "different task/tokenizer (differs in ['tokenizer'])", "use a new --out-dir")
@@ -291,7 +291,8 @@ def stories_run(tmp_path_factory):
     """A tiny finished TinyStories run on made-up stories, with its own 300-token tokenizer."""
     import random
 
-    from bitnet.data_tinystories import iter_stories, save_tokenizer, train_bpe
+    from bitnet.text_tokenizer import save_tokenizer, train_bpe
+    from bitnet.data_tinystories import iter_stories
 
     root = tmp_path_factory.mktemp("stories")
     rng = random.Random(0)

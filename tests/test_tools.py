@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from bitnet.data_arithmetic import ArithmeticTask, solve
+from bitnet.arithmetic_problems import solve
+from bitnet.data_arithmetic import ArithmeticTask
 from bitnet.trainer import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +113,8 @@ def test_evaluate_text_on_a_tinystories_run(tmp_path):
     if not os.path.exists(os.path.join(data, "valid.txt")):
         pytest.skip(f"no TinyStories text at {data}")
     from bitnet.config_tiny import BitNetConfigTinyCPU
-    from bitnet.data_tinystories import TinyStoriesTask, iter_stories, save_tokenizer, text_metrics, train_bpe
+    from bitnet.text_tokenizer import save_tokenizer, train_bpe
+    from bitnet.data_tinystories import TinyStoriesTask, iter_stories, text_metrics
 
     text = open(os.path.join(data, "valid.txt"), encoding="utf-8").read()
     sample = text[: text.index("<|endoftext|>", 40_000) + len("<|endoftext|>\n")]

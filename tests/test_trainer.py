@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bitnet.config_tiny import BitNetConfig, BitNetConfigArithmetic, BitNetConfigTiny
-from bitnet.data_arithmetic import ArithmeticTask, CharTokenizer
+from bitnet.arithmetic_codec import CharTokenizer
+from bitnet.data_arithmetic import ArithmeticTask
 from conftest import assert_dicts_close
 from bitnet.build import pick_device
 from bitnet.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import story_corpus
 
-from bitnet.data_tinystories import save_tokenizer, train_bpe
+from bitnet.text_tokenizer import save_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADERS = str(ROOT / "tests" / "fixtures" / "data_loaders.py")

@@ -220,7 +220,7 @@ class BosOnlyAtInferenceTask:
     @torch.no_grad()
     def accuracy(self, model, problems, device):
         """The task's teacher-forced exact match, in the training format (no BOS)."""
-        from .data_arithmetic import encode_problems
+        from .arithmetic_problems import encode_problems
         x, y = encode_problems(problems, self.tok, answer_only=True, domain=self.domain)
         x, y = x[:, 1:].to(device), y[:, 1:].to(device)
         logits, loss = model(x, y)

@@ -7,7 +7,7 @@ batches judged) and for ranks 0 and 1 of 2 (are they different?). At most --max-
 read, so a streaming loader works. Conventions, told apart by what the loader yields: a
 LongTensor [B, T] (the loss shifts), (x, y) pairs (y is x shifted), dicts with input_ids /
 labels / attention_mask (labels equal input_ids, the model shifts; --model-shifts overrides).
-The checks are in bitnet/diagnose/data_checks.py; the problems they name in diagnose/problems.py.
+The checks are in bitnet/diagnose/data_checks.py (the batches read by diagnose/batches.py); the problems they name in diagnose/problems.py.
 Prints what was detected, one row per check with its evidence, a picture to check by eye (rows
 decoded with document boundaries and special tokens shown, document lengths, padding, the most
 frequent tokens), and last a JSON line {"verdict", "problems", "convention"}.
@@ -23,9 +23,9 @@ import time
 
 import numpy as np
 
-from .diagnose.data_checks import (Data, DataError, check_inference_start, check_labels, check_padding,
-                                   check_range, check_ranks, check_repeats, check_separators,
-                                   check_tokenizer_text, check_val, read_batches, token_counts)
+from .diagnose.batches import Data, DataError, read_batches, token_counts
+from .diagnose.data_checks import (check_inference_start, check_labels, check_padding, check_range, check_ranks,
+                                   check_repeats, check_separators, check_tokenizer_text, check_val)
 from .diagnose.local_hub import hub_to_local, parse_mapping
 from .diagnose.problems import PROBLEMS, is_deviation
 from .diagnose.tokenizer_checks import (TokenizerError, examples_of, roundtrip_report, tokenizer_of,

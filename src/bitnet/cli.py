@@ -11,7 +11,6 @@ import torch
 from .build import check_bug_name, pick_device
 from .checkpoint import PLUG_DEFAULTS, load_checkpoint
 from .config_tiny import PRESETS
-from .errors import run_main  # noqa: F401 - the train scripts' wrapper, kept importable from here
 from .plan import dry_run as plan_line
 from .rundir import CKPT_NAME, PREV_CKPT_NAME
 from .spec import split_spec

@@ -96,7 +96,7 @@ def _parse(raw: str, typ, name: str):
 @dataclass
 class BitNetConfigArithmetic(BitNetConfig):
     """The seed's ~5M arithmetic model (32-token character vocabulary). GPU default."""
-    # problem domain (see data_arithmetic.py); '*' and '/' are the times tables by default
+    # problem domain (see arithmetic_problems.py); '*' and '/' are the times tables by default
     add_max: int = 99  # '+' operands 0..add_max
     sub_max: int = 99  # '-' operands 0..sub_max, never a negative result
     mul_max: int = 12  # '*' operands 0..mul_max

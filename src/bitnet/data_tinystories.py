@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from .rundir import atomic_path
 from .taskkit import TextCodec, unigram_loss
-from .text_tokenizer import (EOT, PAD, check_vocab, foreign_text_codec, load_tokenizer,  # noqa: F401
-                             save_tokenizer, separator_id, token_byte_lengths, tokenizer_from_identity, train_bpe)
+from .text_tokenizer import (EOT, PAD, check_vocab, load_tokenizer, separator_id, token_byte_lengths,
+                             tokenizer_from_identity)
 from .words import words_of
 HUB_DATASET = "roneneldan/TinyStories"
 PROMPTS = ("Once upon a time", "Lily and Ben", "The little dog")

@@ -12,7 +12,8 @@ import torch
 
 from .data_arithmetic import ArithmeticTask
 from .data_fineweb import FineWebTask
-from .data_tinystories import TinyStoriesTask, foreign_text_codec
+from .data_tinystories import TinyStoriesTask
+from .text_tokenizer import foreign_text_codec
 from .data_user import UserDataTask
 from .taskkit import TextCodec, unigram_loss  # noqa: F401 - what a task of your own builds on
 

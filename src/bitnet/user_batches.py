@@ -12,8 +12,9 @@ import os
 import numpy as np
 
 from .check_data import first_words, load, model_shifts_by_default, open_loader
-from .diagnose.data_checks import (IGNORE_INDEX, Data, DataError, check_inference_start, check_labels, check_padding,
-                                   check_range, check_repeats, check_separators, check_tokenizer_text, normalise)
+from .diagnose.batches import IGNORE_INDEX, Data, DataError, normalise
+from .diagnose.data_checks import (check_inference_start, check_labels, check_padding, check_range, check_repeats,
+                                   check_separators, check_tokenizer_text)
 from .diagnose.tokenizer_checks import from_tokenizers, whitespace_probe
 from .spec import SpecError, resolve_spec, split_spec
 

@@ -15,7 +15,7 @@ shared by every tool.
   the judgement rules.py (every verdict rule; tasks give thresholds as data), verdict.py
                 (make_verdict: OK / BROKEN / INCONCLUSIVE with faults, deviations, evidence),
                 report.py (the end-of-run diagnosis, `python -m bitnet.diagnose`), plots.py
-  other tools   trained.py + loss_bands.py (check_model), data_checks.py + local_hub.py
+  other tools   trained.py + loss_bands.py (check_model), batches.py + data_checks.py + local_hub.py
                 (check_data), tokenizer_checks.py (check_tokenizer, check_data, check_model)
   (bitnet/bugs.py holds the self-test's injectable bugs, off the production path; the old name
   bitnet.diagnose.bugs still resolves to it.)
@@ -28,8 +28,8 @@ from .detectors import (answer_of, detect_format_mismatch, detect_gibberish_samp
                         load_word_list, prompt_token_pairs, run_detectors,
                         words_of)
 from .health import QuantHealthTracker, effective_weight, flat_health, health_warnings, summarise_quant_health  # noqa: F401
-from .layer_probes import (LAYER_CHECKS, layer_problems, probe_layer, reference_activation_quant,  # noqa: F401
-                           reference_weight_quant, result)
+from .layer_probes import LAYER_CHECKS, layer_problems, probe_layer, result  # noqa: F401
+from .reference import reference_activation_quant, reference_weight_quant  # noqa: F401
 from .plots import plot_loss_curves, plot_ternary_fractions, read_metrics  # noqa: F401
 from .probes import (MODEL_PROBES, PROBE_NAMES, quantized_layers, random_batch, run_layer_probes,  # noqa: F401
                      run_probes)

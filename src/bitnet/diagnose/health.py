@@ -3,7 +3,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..train_signals import TrainingSignals, describe_optimizer, params_missing_from_optimizer  # noqa: F401 - were here
 from .probes import eval_mode, logits_of, next_token_loss, quantized_layers, random_batch
 
 

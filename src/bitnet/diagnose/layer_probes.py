@@ -27,8 +27,8 @@ import torch.nn as nn
 from .problems import is_deviation
 from .layer_gradients import check_gradients
 from .reference import (badness, deviation_size, fitted_factor, layer_normalized, missing_scales,  # noqa: F401
-                        named, on_int8_grid, one_magnitude, output_candidates, reference_activation_quant, reference_weight_quant,
-                        rel, result, rms_normalized, spread, typical_error)  # result is re-exported
+                        named, on_int8_grid, one_magnitude, output_candidates, result, rms_normalized, spread,
+                        typical_error)  # result is re-exported (probes.py)
 from .watch import MatmulCall, Observation, captured_stdout, observe, quiet_call
 
 

@@ -148,11 +148,13 @@ def classify(codec: Codec, original: str, decoded: str, ids: list[int]) -> str:
     return "decode_mismatch"
 
 
-ROUNDTRIP_ORDER = ("decode_adds_spaces", "lossy_normalizer", "unk_tokens", "decode_mismatch")
+ROUNDTRIP_ORDER = ("whitespace_lost", "decode_adds_spaces", "lossy_normalizer", "unk_tokens", "decode_mismatch")
 
 
-def roundtrip_report(codec: Codec, examples: list[str]) -> dict:
-    """decode(encode(x)) == x on each example: the problems, exact-match and unknown-token rates."""
+def roundtrip_report(codec: Codec, examples: list[str], newlines_first: bool = False) -> dict:
+    """decode(encode(x)) == x on each example: the problems, exact-match and unknown-token rates.
+    `newlines_first`: an example that comes back with fewer newlines is whitespace_lost (check_model
+    reads whole documents; check_data asks the tokenizer about newlines apart, whitespace_probe)."""
     exact, n_tokens, n_unk, n_bytes = 0, 0, 0, 0
     causes, first = {}, None
     for x in examples:
@@ -164,7 +166,8 @@ def roundtrip_report(codec: Codec, examples: list[str]) -> dict:
         if decoded == x:
             exact += 1
             continue
-        cause = classify(codec, x, decoded, ids)
+        lost = newlines_first and x.count("\n") > decoded.count("\n")
+        cause = "whitespace_lost" if lost else classify(codec, x, decoded, ids)
         causes[cause] = causes.get(cause, 0) + 1
         if first is None:
             at = first_difference(x, decoded)

@@ -187,40 +187,7 @@ def common_suffix(a: list, b: list) -> int:
         n += 1
     return n
 
-# ----------------------------------------------------------------------------- 4: the tokenizer
-
-
-def check_tokenizer_roundtrip(encode, decode, docs: list[str], classify, first_difference, unk_id=None,
-                              normalize=None, max_docs: int = 500) -> tuple[list, dict]:
-    """decode(encode(x)) == x on the held-out documents, with check_tokenizer's problem names (its
-    `classify` and `first_difference` are passed in), plus whitespace_lost: newlines the tokenizer
-    cannot give back (a Whitespace pre-tokenizer drops them)."""
-
-    class _Codec:  # what check_tokenizer.classify reads
-        pass
-    codec = _Codec()
-    codec.unk_id, codec.normalize = unk_id, normalize or (lambda s: s)
-    causes, first, exact = Counter(), None, 0
-    docs = [d for d in docs if d.strip()][:max_docs]
-    for x in docs:
-        ids = list(encode(x))
-        y = decode(ids)
-        if y == x:
-            exact += 1
-            continue
-        cause = "whitespace_lost" if x.count("\n") > y.count("\n") else classify(codec, x, y, ids)
-        causes[cause] += 1
-        if first is None:
-            at = first_difference(x, y)
-            first = (cause, repr(x[max(0, at - 20): at + 30]), repr(y[max(0, at - 20): at + 30]))
-    evidence = {"documents": len(docs), "exact": exact, "failing_by_cause": dict(causes)}
-    findings = []
-    for cause, count in causes.most_common():
-        ex = f"; first: {first[1]} -> {first[2]}" if first and first[0] == cause else ""
-        findings.append({"name": cause, "where": "tokenizer decode(encode(text))",
-                         "evidence": f"{count} of {len(docs)} held-out documents do not come back{ex}"})
-    return findings, evidence
-
+# ----------------------------------------------------------------------------- 4: the tokenizer: check_model.tokenizer_roundtrip
 # ----------------------------------------------------------------------------- 5: the trained weights
 
 
