@@ -1,5 +1,6 @@
 """An experiment end to end: train (one model, or the ternary model and its full-precision twin
 side by side), then the diagnosis and the verdict. The train scripts call run_experiment()."""
+import codecs
 import contextlib
 import json
 import os
@@ -238,10 +239,10 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
 def pump_stderr(fd: int, log):
     """Echo a child's stderr to ours as it comes (a progress bar redraws with \\r), and write its
     lines to `log`, a progress bar's last state only, so the error a child dies with is in its log."""
-    pending = b""
+    pending, live = b"", codecs.getincrementaldecoder("utf-8")("replace")  # a bar's blocks may span two reads
     with os.fdopen(fd, "rb", buffering=0) as pipe:
         while chunk := pipe.read(4096):
-            sys.stderr.write(chunk.decode(errors="replace"))  # (a multi-byte character split here shows as ?)
+            sys.stderr.write(live.decode(chunk))
             sys.stderr.flush()
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
