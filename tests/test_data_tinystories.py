@@ -14,6 +14,7 @@ import torch
 from bitnet import data_tinystories as dts
 from bitnet.config_tiny import BitNetConfigTinyCPU
 from bitnet.data_tinystories import EOT, HubSplit, TinyStoriesTask
+from bitnet.text_tokenizer import save_tokenizer, train_bpe
 
 torch.set_num_threads(1)
 
@@ -52,8 +53,8 @@ def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("tinystories")
     (d / "train.txt").write_text(first_stories(DATA / "train.txt", 300_000), encoding="utf-8")
     (d / "valid.txt").write_text(first_stories(DATA / "valid.txt", 60_000), encoding="utf-8")
-    tok = dts.train_bpe(dts.iter_stories(str(d / "train.txt")), 2048, show_progress=False)
-    dts.save_tokenizer(tok, str(d / "tokenizer"))
+    tok = train_bpe(dts.iter_stories(str(d / "train.txt")), 2048, show_progress=False)
+    save_tokenizer(tok, str(d / "tokenizer"))
     return d
 
 
@@ -194,7 +195,7 @@ def test_cache_reused_and_rebuilt_when_tokenizer_or_data_change(data, tmp_path, 
     assert np.array_equal(again.train_tokens, stream)
 
     other_tok = tmp_path / "tok1024"
-    dts.save_tokenizer(dts.train_bpe(dts.iter_stories(val), 1024, show_progress=False), str(other_tok))
+    save_tokenizer(train_bpe(dts.iter_stories(val), 1024, show_progress=False), str(other_tok))
     TinyStoriesTask(small_cfg(), str(other_tok), train, val, str(cache))  # new tokenizer: both rebuilt
     assert len(builds) == 4 and len(list(cache.glob("*.bin"))) == 4
 
