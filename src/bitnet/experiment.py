@@ -180,25 +180,13 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
         cmd = [sys.executable, script, *argv, *own_flags, "--out-dir", sub, "--threads", str(threads)]
         log = open(os.path.join(sub, "train.log"), "w")
         live = name == arms[0][0]
-        err_r, err_w = os.pipe() if live else (None, log)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_w, text=True, bufsize=1)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE if live else log, bufsize=0)
         procs[name] = (proc, log)
-
-        def pump(p=proc, f=log, echo=live):
-            for line in p.stdout:
-                f.write(line)
-                f.flush()
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-
-        threads_here = [threading.Thread(target=pump, daemon=True)]
-        if live:  # its stderr: live on ours (the progress bar), and into train.log, whose path a failure names
-            os.close(err_w)
-            threads_here.append(threading.Thread(target=pump_stderr, args=(err_r, log), daemon=True))
-        for t in threads_here:
+        # all of a child's output goes to its train.log (whose path a failure names); the live one's also to ours
+        for pipe, echo in [(proc.stdout, sys.stdout if live else None)] + ([(proc.stderr, sys.stderr)] if live else []):
+            t = threading.Thread(target=pump, args=(pipe, log, echo), daemon=True)
             t.start()
-        pumps += threads_here
+            pumps.append(t)
     quiet_arm = arms[-1][0]
     print(f"{' and '.join(name for name, _ in arms)} training side by side, {threads} thread(s) each; "
           f"{quiet_arm} logs to {os.path.join(out_dir, quiet_arm, 'train.log')}", flush=True)
@@ -236,15 +224,17 @@ def run_twin(script: str, argv: list[str], out_dir: str, child_args: list[str] =
     return summaries
 
 
-def pump_stderr(fd: int, log):
-    """Echo a child's stderr to ours as it comes (a progress bar redraws with \\r), and write its
-    lines to `log`, a progress bar's last state only, so the error a child dies with is in its log."""
-    pending, live = b"", codecs.getincrementaldecoder("utf-8")("replace")  # a bar's blocks may span two reads
-    with os.fdopen(fd, "rb", buffering=0) as pipe:
+def pump(pipe, log, echo=None):
+    """Copy a child's output (an unbuffered binary pipe) into `log` line by line and, when `echo` is
+    a stream, onto it as it comes. A progress bar redraws its line with \\r: the log keeps its last state."""
+    pending, text = b"", codecs.getincrementaldecoder("utf-8")("replace")  # a bar's blocks may span two reads
+    with pipe:
         while chunk := pipe.read(4096):
-            sys.stderr.write(live.decode(chunk))
-            sys.stderr.flush()
+            if echo is not None:
+                echo.write(text.decode(chunk))
+                echo.flush()
             *lines, pending = (pending + chunk).split(b"\n")
+            pending = pending.rsplit(b"\r", 1)[-1]  # a bar's last state only: memory stays one line
             for line in lines:
                 log.write(line.rsplit(b"\r", 1)[-1].decode(errors="replace") + "\n")
             log.flush()
