@@ -121,7 +121,7 @@ def tokenizer_roundtrip(s, docs: list[str], max_docs: int = 500) -> tuple[list, 
                              f"do not come back" + (f"; first: {first['original']!r} -> {first['decoded']!r}"
                                                     if first and first["cause"] == cause else "")}
                 for cause in report["problems"]]
-    return findings, {"documents": len(docs), "exact": round(report["exact_match_rate"] * len(docs)),
+    return findings, {"documents": len(docs), "exact": report["exact"],
                       "failing_by_cause": report["examples_failing_by_cause"]}
 
 

@@ -176,7 +176,7 @@ def roundtrip_report(codec: Codec, examples: list[str], newlines_first: bool = F
     if n_unk:
         causes.setdefault("unk_tokens", 0)
     problems = [p for p in ROUNDTRIP_ORDER if p in causes]
-    return {"problems": problems, "exact_match_rate": exact / max(len(examples), 1),
+    return {"problems": problems, "exact": exact, "exact_match_rate": exact / max(len(examples), 1),
             "unk_rate": n_unk / max(n_tokens, 1), "bytes_per_token": n_bytes / max(n_tokens, 1),
             "examples": len(examples), "examples_failing_by_cause": causes, "first_difference": first}
 
