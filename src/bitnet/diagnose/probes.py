@@ -136,8 +136,12 @@ def eval_mode(model: nn.Module):
 
 
 def logits_of(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T, V] logits from any causal LM: ours returns (logits, loss), transformers an
+    output with .logits, a plain model a tensor."""
     out = model(input_ids)
-    return out[0] if isinstance(out, tuple) else out
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "logits", out)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

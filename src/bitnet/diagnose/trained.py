@@ -12,18 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .probes import eval_mode  # score the trained model, not its dropout
+from .probes import eval_mode, logits_of  # eval_mode: score the trained model, not its dropout
 
 # ----------------------------------------------------------------------------- the model as a function
 
 
 def forward_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] -> [B, T, V] float logits from any causal LM: ours returns (logits, loss), transformers
-    an output with .logits, a plain model a tensor."""
-    out = model(ids)
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return getattr(out, "logits", out).float()
+    """probes.logits_of, in float32 (the checks compare and score them)."""
+    return logits_of(model, ids).float()
 
 
 def context_length(model: nn.Module, default: int = 256) -> int:
